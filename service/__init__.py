@@ -1,0 +1,1 @@
+"""postcall: a complete record of ElevenLabs voice-agent conversations."""

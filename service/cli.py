@@ -1,0 +1,94 @@
+"""The `postcall` command. Thin: parse arguments, load settings, call the modules that do the work."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+
+from service.config import ConfigError, Settings, load_settings, require
+
+app = typer.Typer(
+    name="postcall",
+    help="Keep a complete record of ElevenLabs voice-agent conversations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on standard error, then exit: how every configuration or usage problem ends."""
+    typer.echo(f"postcall: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings_or_exit(*required: tuple[str, str]) -> Settings:
+    """Load settings; a missing or malformed value exits 2 with one line naming the variable."""
+    try:
+        settings = load_settings()
+        for field, purpose in required:
+            require(settings, field, purpose)
+    except ConfigError as exc:
+        fail(str(exc))
+    return settings
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _migrate(settings: Settings) -> None:
+    from service.db import StoreUnavailable, create_engine
+    from service.migrations import upgrade
+
+    engine = create_engine(settings.database_url)
+    try:
+        upgrade(engine)
+    except StoreUnavailable as exc:
+        fail(f"cannot migrate {engine.url.render_as_string(hide_password=True)}: {exc}", code=1)
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database to the newest migration."""
+    setup_logging()
+    _migrate(settings_or_exit())
+    typer.echo("database is up to date", err=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not migrate the database first.")] = False,
+) -> None:
+    """Migrate the database (unless --no-migrate) and serve the webhook receiver and the API."""
+    import uvicorn
+
+    setup_logging()
+    settings = settings_or_exit(("webhook_secrets", "serve"))
+    if not no_migrate:
+        _migrate(settings)
+    uvicorn.run(
+        "service.web.asgi:build",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        timeout_keep_alive=5,
+        # A slow or stalled sender must not hold a worker: httptools' parser times out idle connections.
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+
+
+def main() -> None:
+    app()

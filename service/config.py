@@ -1,0 +1,80 @@
+"""Settings: read once from `POSTCALL_*` variables (and `.env`), then passed to whatever needs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "POSTCALL_"
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything postcall can be told. Build it with `load_settings()`; never at import time."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    database_url: str = "sqlite:///./postcall.db"
+    webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    webhook_tolerance_seconds: int = Field(default=1800, ge=0)
+    max_body_bytes: int = Field(default=268_435_456, gt=0)
+    data_dir: Path = Path("./postcall-data")
+    elevenlabs_api_key: SecretStr | None = None
+    elevenlabs_base_url: str = "https://api.elevenlabs.io"
+    agent_ids: CommaList = ()
+    api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+
+    @field_validator("agent_ids", "webhook_secrets", "api_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("database_url", "elevenlabs_base_url")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("elevenlabs_api_key")
+    @classmethod
+    def _blank_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; `str()` is one line naming the variable."""
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and `.env`) into Settings, turning validation errors into one ConfigError line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise ConfigError(f"{env_name(field)}: {first['msg']}") from None
+
+
+def require(settings: Settings, field: str, purpose: str) -> None:
+    """Stop with a ConfigError when a setting needed by `purpose` (a command) is empty."""
+    if not getattr(settings, field):
+        raise ConfigError(f"{env_name(field)} is required by {purpose} but is not set")

@@ -1,0 +1,101 @@
+"""Engines and the dialect details: SQLite in WAL mode with immediate write transactions, PostgreSQL via psycopg."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+PG_CONNECT_TIMEOUT_SECONDS = 3
+PG_STATEMENT_TIMEOUT_MS = 10_000
+
+
+class StoreUnavailable(Exception):
+    """The database (or the disk under it) cannot take the write now; the caller answers 503."""
+
+
+def is_sqlite(url: str | sa.URL) -> bool:
+    return sa.make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine with the settings postcall relies on for durability and bounded waits."""
+    if is_sqlite(url):
+        return _sqlite_engine(url, **kwargs)
+    connect_args = {
+        "connect_timeout": PG_CONNECT_TIMEOUT_SECONDS,
+        "options": f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} -c lock_timeout={PG_STATEMENT_TIMEOUT_MS}",
+    }
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    kwargs.setdefault("pool_timeout", 5)
+    return sa.create_engine(url, connect_args=connect_args, **kwargs)
+
+
+def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
+    parsed = sa.make_url(url)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        # Take transactions into our own hands (pysqlite's implicit BEGIN is deferred and racy for writers).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # a 200 means the commit survives power loss, not just a crash
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front, so two writers queue instead of deadlocking on upgrade.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+@contextmanager
+def unavailable_as_store_error() -> Iterator[None]:
+    """Turn 'the database or disk cannot be reached' into StoreUnavailable; let real bugs through."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
+        raise StoreUnavailable(type(exc.orig or exc).__name__ if hasattr(exc, "orig") else str(exc)) from exc
+    except OSError as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc.strerror}") from exc
+
+
+def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run `work` in one transaction (committed on return, rolled back on error), mapping outages."""
+    with unavailable_as_store_error(), engine.begin() as conn:
+        return work(conn)
+
+
+def ping(engine: Engine) -> None:
+    with unavailable_as_store_error(), engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+
+
+def insert_ignoring_conflict(conn: Connection, table: sa.Table, values: dict[str, Any], key: str) -> bool:
+    """INSERT … ON CONFLICT (key) DO NOTHING on either dialect; True when the row was inserted."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+    statement = insert.values(values).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+    # RETURNING rather than rowcount: psycopg reports no rowcount for this statement.
+    return conn.execute(statement).first() is not None

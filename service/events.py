@@ -1,0 +1,170 @@
+"""ElevenLabs payloads → normalized observations. Pure.
+
+Shapes follow ElevenLabs' models: a `post_call_transcription` webhook's `data` and `GET
+/v1/convai/conversations/{id}` are both a conversation detail (GetConversationResponseModel); list pages hold
+summaries (ConversationSummaryResponseModel). Unknown fields are kept in the stored `metadata`/`analysis`
+objects and the archived raw body, never rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from service.merge import Audio, Observation, Source
+
+TRANSCRIPTION = "post_call_transcription"
+AUDIO = "post_call_audio"
+FAILURE = "call_initiation_failure"
+KNOWN_TYPES = frozenset({TRANSCRIPTION, AUDIO, FAILURE})
+MAX_ID_LENGTH = 256
+
+
+class PayloadError(Exception):
+    """A correctly signed body that postcall cannot read (not JSON, no data.conversation_id, …)."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    conversation_id: str | None
+    data: Mapping[str, Any]
+
+
+def read_envelope(payload: Any) -> Envelope:
+    """Validate the outer shape: known types need an object `data` with a string `conversation_id`."""
+    if not isinstance(payload, dict):
+        raise PayloadError("body is not a JSON object")
+    event_type = payload.get("type")
+    if not isinstance(event_type, str):
+        raise PayloadError("body has no string 'type'")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        if event_type in KNOWN_TYPES:
+            raise PayloadError("body has no object 'data'")
+        data = {}
+    conversation_id = data.get("conversation_id")
+    if conversation_id is not None and not valid_conversation_id(conversation_id):
+        raise PayloadError("data.conversation_id is not a usable id")
+    if event_type in KNOWN_TYPES and conversation_id is None:
+        raise PayloadError("body has no data.conversation_id")
+    return Envelope(event_type, conversation_id, data)
+
+
+def valid_conversation_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _obj(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _status(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def detail_observation(data: Mapping[str, Any], source: Source, at: datetime) -> Observation:
+    """A conversation detail: the transcription webhook's `data` or `GET /v1/convai/conversations/{id}`."""
+    metadata = _obj(data.get("metadata")) or {}
+    analysis = _obj(data.get("analysis"))
+    client_data = _obj(data.get("conversation_initiation_client_data")) or {}
+    transcript = data.get("transcript")
+    fields = {
+        "agent_id": _str(data.get("agent_id")),
+        "user_id": _str(data.get("user_id")) or _str(client_data.get("user_id")),
+        "branch_id": _str(data.get("branch_id")),
+        "start_time_unix_secs": _int(metadata.get("start_time_unix_secs")),
+        "call_duration_secs": _num(metadata.get("call_duration_secs")),
+        "call_successful": _str((analysis or {}).get("call_successful")),
+        "transcript_summary": _str((analysis or {}).get("transcript_summary")),
+        "termination_reason": _str(metadata.get("termination_reason")),
+        "main_language": _str(metadata.get("main_language")),
+        "initiation_source": _str(metadata.get("conversation_initiation_source"))
+        or _str((_obj(client_data.get("source_info")) or {}).get("source")),
+        "dynamic_variables": _obj(client_data.get("dynamic_variables")),
+        "transcript": transcript if isinstance(transcript, list) else None,
+        "analysis": analysis,
+        "metadata": _obj(data.get("metadata")),
+    }
+    return Observation(
+        conversation_id=str(data["conversation_id"]),
+        source=source,
+        observed_at=at,
+        status=_status(data.get("status")),
+        fields=fields,
+    )
+
+
+def summary_observation(summary: Mapping[str, Any], at: datetime) -> Observation:
+    """One entry of a `GET /v1/convai/conversations` page."""
+    fields = {
+        "agent_id": _str(summary.get("agent_id")),
+        "user_id": _str(summary.get("user_id")),
+        "branch_id": _str(summary.get("branch_id")),
+        "start_time_unix_secs": _int(summary.get("start_time_unix_secs")),
+        "call_duration_secs": _num(summary.get("call_duration_secs")),
+        "call_successful": _str(summary.get("call_successful")),
+        "transcript_summary": _str(summary.get("transcript_summary")),
+        "termination_reason": _str(summary.get("termination_reason")),
+        "main_language": _str(summary.get("main_language")),
+        "initiation_source": _str(summary.get("conversation_initiation_source")),
+    }
+    return Observation(
+        conversation_id=str(summary["conversation_id"]),
+        source=Source.LIST_SUMMARY,
+        observed_at=at,
+        status=_status(summary.get("status")),
+        fields=fields,
+    )
+
+
+def failure_observation(data: Mapping[str, Any], at: datetime) -> Observation:
+    """A `call_initiation_failure` webhook: the call never connected."""
+    metadata = _obj(data.get("metadata"))
+    fields = {
+        "agent_id": _str(data.get("agent_id")),
+        "failure_reason": _str(data.get("failure_reason")),
+        "metadata": metadata,
+    }
+    return Observation(
+        conversation_id=str(data["conversation_id"]),
+        source=Source.FAILURE_WEBHOOK,
+        observed_at=at,
+        status="failed",
+        fields=fields,
+    )
+
+
+def audio_observation(
+    conversation_id: str, agent_id: str | None, audio: Audio, source: Source, at: datetime
+) -> Observation:
+    """Audio stored for a conversation, from the audio webhook or `GET …/{id}/audio`."""
+    return Observation(
+        conversation_id=conversation_id,
+        source=source,
+        observed_at=at,
+        fields={"agent_id": agent_id},
+        audio=audio,
+    )

@@ -1,0 +1,138 @@
+"""The tables. Schema changes go through Alembic migrations (alembic/versions), never `create_all`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite keeps no zone of its own)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_type=JSONType, nullable=nullable)
+
+
+def _time(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_type=UTCDateTime, nullable=nullable, index=index)
+
+
+class Conversation(SQLModel, table=True):
+    """One record per conversation_id; every source merges into it (see merge.py)."""
+
+    __tablename__ = "conversation"
+
+    conversation_id: str = Field(primary_key=True, max_length=256)
+    agent_id: str | None = Field(default=None, max_length=256)
+    status: str | None = Field(default=None, max_length=32)
+    user_id: str | None = Field(default=None, max_length=1024)
+    branch_id: str | None = Field(default=None, max_length=256)
+    start_time_unix_secs: int | None = Field(default=None, sa_type=sa.BigInteger)
+    call_duration_secs: float | None = None
+    call_successful: str | None = Field(default=None, max_length=32)
+    transcript_summary: str | None = Field(default=None, sa_type=sa.Text)
+    termination_reason: str | None = Field(default=None, sa_type=sa.Text)
+    main_language: str | None = Field(default=None, max_length=64)
+    initiation_source: str | None = Field(default=None, max_length=128)
+    failure_reason: str | None = Field(default=None, sa_type=sa.Text)
+    dynamic_variables: dict[str, Any] | None = _json()
+    labels: dict[str, Any] | None = _json()
+    transcript: list[Any] | None = _json()
+    analysis: dict[str, Any] | None = _json()
+    # `metadata` is taken by SQLAlchemy's declarative base, hence the attribute name.
+    conversation_metadata: dict[str, Any] | None = Field(
+        default=None, sa_column=sa.Column("metadata", JSONType, nullable=True)
+    )
+    has_audio: bool = Field(default=False)
+    audio_path: str | None = Field(default=None, max_length=512)
+    audio_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    first_seen_via: str = Field(max_length=16)
+    first_seen_at: datetime = _time(nullable=False)
+    webhook_received_at: datetime | None = _time()
+    audio_received_at: datetime | None = _time()
+    reconciled_at: datetime | None = _time()
+    complete: bool = Field(default=False)
+    # status rank * 10 + source richness of the data last applied: decides which source's fields win.
+    data_rank: int = Field(default=-10)
+    updated_at: datetime = _time(nullable=False)
+
+
+class WebhookEvent(SQLModel, table=True):
+    """Every accepted delivery: the raw body (not for audio) and its hash, which makes replays duplicates."""
+
+    __tablename__ = "webhook_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    body_sha256: str = Field(max_length=64, unique=True)
+    event_type: str = Field(max_length=128)
+    conversation_id: str | None = Field(default=None, max_length=256, index=True)
+    received_at: datetime = _time(nullable=False)
+    body_bytes: int = Field(sa_type=sa.BigInteger)
+    body: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+
+
+class ReconcileCheckpoint(SQLModel, table=True):
+    """Per agent: conversations that started before `checkpoint_unix` are known to be stored."""
+
+    __tablename__ = "reconcile_checkpoint"
+
+    agent_id: str = Field(primary_key=True, max_length=256)
+    checkpoint_unix: int = Field(sa_type=sa.BigInteger)
+    updated_at: datetime = _time(nullable=False)
+
+
+class ReconcileRun(SQLModel, table=True):
+    """One `postcall reconcile` run and its counts."""
+
+    __tablename__ = "reconcile_run"
+
+    id: int | None = Field(default=None, primary_key=True)
+    started_at: datetime = _time(nullable=False, index=True)
+    finished_at: datetime | None = _time()
+    status: str = Field(max_length=16)  # running | succeeded | failed
+    holder: str = Field(max_length=256)
+    dry_run: bool = Field(default=False)
+    agents: list[Any] | None = _json()
+    window_start_unix: int | None = Field(default=None, sa_type=sa.BigInteger)
+    window_end_unix: int | None = Field(default=None, sa_type=sa.BigInteger)
+    listed: int = 0
+    new: int = 0
+    updated: int = 0
+    details_fetched: int = 0
+    audio_fetched: int = 0
+    failed: int = 0
+    error: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class ReconcileLease(SQLModel, table=True):
+    """At most one row per lease name: who runs the reconciler now, and until when the claim holds."""
+
+    __tablename__ = "reconcile_lease"
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(max_length=256)
+    acquired_at: datetime = _time(nullable=False)
+    expires_at: datetime = _time(nullable=False)

@@ -1,0 +1,153 @@
+"""Reading one webhook body as it streams: size limit, incremental HMAC and hash, audio split off to disk.
+
+Small bodies (every transcription and failure event) stay in memory and are parsed whole. Once a body
+outgrows SMALL_BODY_BYTES it is treated as what it almost surely is, an audio event: from then on the
+`data.full_audio` text is decoded to a temp file in the blob store as it arrives, so memory stays bounded
+however large the audio is. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import orjson
+import pybase64
+
+from service.audio_stream import AudioSplitter, Base64Decoder, StreamFormatError
+from service.blobs import BlobStore, TempBlob
+from service.db import StoreUnavailable
+from service.events import PayloadError
+from service.signature import BodyVerifier, SignatureHeader
+
+SMALL_BODY_BYTES = 1 << 20
+# Large bodies are handed to a worker thread in batches of this size: big enough that thread hops are rare,
+# small enough that memory stays flat.
+BATCH_BYTES = 1 << 20
+
+
+class BodyTooLarge(Exception):
+    """The body is over POSTCALL_MAX_BODY_BYTES."""
+
+
+@dataclass
+class ReceivedBody:
+    payload: Any
+    sha256: str
+    size: int
+    raw: bytes | None  # the body as received, unless audio was split off
+    audio: TempBlob | None  # decoded data.full_audio of a large body, in a temp file
+
+    def discard(self) -> None:
+        if self.audio is not None:
+            self.audio.discard()
+            self.audio = None
+
+
+class _Streaming:
+    """The large-body path: signature, hash and audio split computed off the event loop, batch by batch."""
+
+    def __init__(self, verifier: BodyVerifier, digest: Any, blobs: BlobStore) -> None:
+        self.verifier = verifier
+        self.digest = digest
+        self.blob = blobs.open_temp()
+        self.decoder = Base64Decoder(self.blob.write)
+        self.splitter = AudioSplitter(self.decoder.feed)
+
+    def feed(self, data: bytes) -> None:
+        self.verifier.update(data)
+        self.digest.update(data)
+        self.splitter.feed(data)
+
+
+async def read_body(
+    chunks: AsyncIterator[bytes],
+    header: SignatureHeader,
+    secrets: Sequence[bytes],
+    max_bytes: int,
+    blobs: BlobStore,
+) -> ReceivedBody:
+    """Read and verify the body. Raises SignatureError, BodyTooLarge, PayloadError or StoreUnavailable;
+    on any error nothing is left behind in the blob store."""
+    verifier = BodyVerifier(header, secrets)
+    digest = hashlib.sha256()
+    buffer = bytearray()
+    streaming: _Streaming | None = None
+    size = 0
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLarge()
+            buffer += chunk
+            if streaming is None and len(buffer) <= SMALL_BODY_BYTES:
+                continue
+            if streaming is None:
+                streaming = await anyio.to_thread.run_sync(_Streaming, verifier, digest, blobs)
+            if len(buffer) >= BATCH_BYTES:
+                await anyio.to_thread.run_sync(streaming.feed, bytes(buffer))
+                buffer.clear()
+        if streaming is None:
+            return _small_body(bytes(buffer), verifier, digest)
+        if buffer:
+            await anyio.to_thread.run_sync(streaming.feed, bytes(buffer))
+        return await anyio.to_thread.run_sync(_finish_streaming, streaming, size)
+    except OSError as exc:  # the temp file could not be written: disk full, data dir unwritable
+        _discard(streaming)
+        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
+    except BaseException:
+        _discard(streaming)
+        raise
+
+
+def _discard(streaming: _Streaming | None) -> None:
+    if streaming is not None:
+        streaming.blob.discard()
+
+
+def _small_body(body: bytes, verifier: BodyVerifier, digest: Any) -> ReceivedBody:
+    verifier.update(body)
+    verifier.verify()
+    digest.update(body)
+    return ReceivedBody(parse_json(body), digest.hexdigest(), len(body), raw=body, audio=None)
+
+
+def _finish_streaming(streaming: _Streaming, size: int) -> ReceivedBody:
+    streaming.verifier.verify()
+    try:
+        skeleton = streaming.splitter.finish()
+        streaming.decoder.finish()
+    except StreamFormatError as exc:
+        raise PayloadError(str(exc)) from exc
+    payload = parse_json(skeleton)
+    if not streaming.splitter.found_audio:
+        streaming.blob.discard()
+        return ReceivedBody(payload, streaming.digest.hexdigest(), size, raw=skeleton, audio=None)
+    return ReceivedBody(payload, streaming.digest.hexdigest(), size, raw=None, audio=streaming.blob)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        raise PayloadError("body is not valid JSON") from exc
+
+
+def audio_from_payload(data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
+    """A small audio event carries its base64 inline: decode it into a temp file like the streamed path."""
+    text = data.get("full_audio")
+    if not isinstance(text, str) or not text:
+        raise PayloadError("post_call_audio has no data.full_audio")
+    try:
+        audio = pybase64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise PayloadError("data.full_audio is not valid base64") from exc
+    try:
+        blob = blobs.open_temp()
+        blob.write(audio)
+    except OSError as exc:
+        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
+    return blob

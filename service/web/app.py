@@ -1,0 +1,48 @@
+"""`create_app(settings)`: the Starlette application, with its resources owned by the lifespan."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from service.blobs import BlobStore
+from service.config import Settings
+from service.db import create_engine
+from service.web import webhooks
+from service.web.errors import EXCEPTION_HANDLERS, unexpected
+from service.web.state import AppState
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The whole HTTP service. `engine` and `clock` are for tests; by default both come from settings/time."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        own_engine = engine is None
+        db = create_engine(settings.database_url) if engine is None else engine
+        blobs = BlobStore(settings.data_dir)
+        await anyio.to_thread.run_sync(blobs.clean_temp)
+        app.state.postcall = AppState(settings=settings, engine=db, blobs=blobs, clock=clock)
+        try:
+            yield
+        finally:
+            if own_engine:
+                db.dispose()
+
+    routes: list[BaseRoute] = [*webhooks.routes()]
+    return Starlette(
+        routes=routes,
+        exception_handlers={**EXCEPTION_HANDLERS, Exception: unexpected},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,39 @@
+"""What the routes need, built once in the app's lifespan and reached through `request.app.state.postcall`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio.to_thread
+from sqlalchemy.engine import Connection, Engine
+from starlette.requests import Request
+
+from service.blobs import BlobStore
+from service.config import Settings
+from service.db import transaction
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    blobs: BlobStore
+    clock: Callable[[], float] = field(default=time.time)
+
+    @property
+    def webhook_secrets(self) -> list[bytes]:
+        return [secret.get_secret_value().encode() for secret in self.settings.webhook_secrets]
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one database transaction on a worker thread (the drivers are synchronous)."""
+        return await anyio.to_thread.run_sync(transaction, self.engine, work)
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.postcall
+    return state

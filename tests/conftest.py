@@ -1,0 +1,55 @@
+"""Fixtures shared by the whole suite.
+
+Storage tests take the `database_url` fixture, which runs each of them on SQLite and on PostgreSQL. PostgreSQL
+is required: a run that cannot reach it errors instead of skipping (POSTCALL_TEST_PG_URL points elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from service.config import Settings
+from service.db import create_engine
+from tests.support.databases import empty_tables, migrated_sqlite, postgres_database
+from tests.support.webhooks import SECRET
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield migrated_sqlite(str(tmp_path / "postcall.db"))
+        return
+    url: str = request.getfixturevalue("postgres_url")
+    yield url
+    engine = create_engine(url)
+    empty_tables(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        webhook_secrets=SECRET,
+        data_dir=tmp_path / "data",
+        api_tokens="test-token",
+        elevenlabs_api_key="test-api-key",
+        _env_file=None,  # type: ignore[call-arg]
+    )
