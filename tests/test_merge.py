@@ -1,0 +1,140 @@
+"""The merge rules as pure functions: order of arrival never changes the record a conversation converges to."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.merge import Audio, Observation, Source, merge
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: int) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def fold(observations: list[Observation]) -> dict[str, Any]:
+    record: dict[str, Any] | None = None
+    for obs in observations:
+        record = merge(record, obs)
+    assert record is not None
+    return record
+
+
+FINAL = {
+    "agent_id": "agent_1",
+    "user_id": "user-7",
+    "start_time_unix_secs": 1_760_000_000,
+    "call_duration_secs": 61.0,
+    "call_successful": "success",
+    "transcript_summary": "Booked a table for two.",
+    "transcript": [{"role": "agent", "message": "Hi"}, {"role": "user", "message": "A table for two"}],
+    "analysis": {"call_successful": "success", "transcript_summary": "Booked a table for two."},
+    "metadata": {"start_time_unix_secs": 1_760_000_000, "call_duration_secs": 61},
+    "dynamic_variables": {"order_id": "o-9"},
+}
+
+
+def lifecycle() -> list[Observation]:
+    """Everything one conversation's sources can say, each with its own arrival time."""
+    summary_fields = {k: FINAL[k] for k in ("agent_id", "start_time_unix_secs", "call_successful")}
+    return [
+        Observation(
+            "c1",
+            Source.SESSION,
+            at(0),
+            "initiated",
+            {"agent_id": "agent_1", "user_id": "user-7"},
+            labels={"campaign": "spring"},
+        ),
+        Observation("c1", Source.LIST_SUMMARY, at(30), "in-progress", {**summary_fields, "call_duration_secs": 5.0}),
+        Observation(
+            "c1",
+            Source.DETAIL,
+            at(60),
+            "processing",
+            {**FINAL, "transcript": FINAL["transcript"][:1], "transcript_summary": None},
+        ),
+        Observation("c1", Source.LIST_SUMMARY, at(90), "done", {**summary_fields, "call_duration_secs": 61.0}),
+        Observation("c1", Source.TRANSCRIPTION_WEBHOOK, at(100), "done", FINAL),
+        Observation("c1", Source.AUDIO_WEBHOOK, at(110), None, {"agent_id": "agent_1"}, audio=Audio("audio/c1.mp3", 9)),
+        Observation("c1", Source.DETAIL, at(120), "done", FINAL),
+    ]
+
+
+@given(st.permutations(lifecycle()), st.lists(st.integers(0, 6), max_size=4))
+def test_any_order_with_repeats_converges_to_the_ordered_result(
+    shuffled: list[Observation], repeats: list[int]
+) -> None:
+    ordered = fold(lifecycle())
+    replayed = shuffled + [lifecycle()[i] for i in repeats]
+    assert fold(replayed) == ordered
+
+
+def test_the_converged_record() -> None:
+    record = fold(lifecycle())
+    assert record["status"] == "done"
+    assert record["transcript"] == FINAL["transcript"]
+    assert record["transcript_summary"] == FINAL["transcript_summary"]
+    assert record["call_duration_secs"] == 61.0
+    assert record["labels"] == {"campaign": "spring"}
+    assert record["has_audio"] is True and record["audio_path"] == "audio/c1.mp3"
+    assert record["complete"] is True
+    assert record["first_seen_via"] == "session"
+    assert record["webhook_received_at"] == at(100)
+    assert record["audio_received_at"] == at(110)
+    assert record["reconciled_at"] == at(120)
+
+
+STATUSES = ["initiated", "in-progress", "processing", "done", "failed"]
+SOURCES = [Source.SESSION, Source.LIST_SUMMARY, Source.DETAIL, Source.TRANSCRIPTION_WEBHOOK]
+
+
+@given(st.lists(st.tuples(st.sampled_from(STATUSES), st.sampled_from(SOURCES)), min_size=1, max_size=8))
+def test_a_final_status_never_goes_back(steps: list[tuple[str, Source]]) -> None:
+    record: dict[str, Any] | None = None
+    seen_final = None
+    for i, (status, source) in enumerate(steps):
+        record = merge(record, Observation("c", source, at(i), status, {"agent_id": "a"}))
+        if seen_final is not None:
+            assert record["status"] in {"done", "failed"}
+        if record["status"] in {"done", "failed"}:
+            seen_final = record["status"]
+
+
+def test_a_field_a_source_does_not_carry_is_left_as_it_is() -> None:
+    record = merge(None, Observation("c", Source.DETAIL, at(0), "done", {"user_id": "u1", "main_language": "en"}))
+    record = merge(record, Observation("c", Source.DETAIL, at(1), "done", {"user_id": None, "agent_id": "a"}))
+    assert record["user_id"] == "u1"
+    assert record["main_language"] == "en"
+    assert record["agent_id"] == "a"
+
+
+def test_a_poorer_source_only_fills_empty_fields() -> None:
+    record = merge(None, Observation("c", Source.TRANSCRIPTION_WEBHOOK, at(0), "done", {"call_duration_secs": 61.0}))
+    record = merge(
+        record,
+        Observation("c", Source.LIST_SUMMARY, at(1), "done", {"call_duration_secs": 60.0, "main_language": "de"}),
+    )
+    assert record["call_duration_secs"] == 61.0
+    assert record["main_language"] == "de"
+    assert record["first_seen_via"] == "webhook"
+    assert record["reconciled_at"] == at(1)
+
+
+def test_a_richer_source_replaces_a_poorer_one() -> None:
+    record = merge(None, Observation("c", Source.LIST_SUMMARY, at(0), "done", {"call_duration_secs": 60.0}))
+    assert record["complete"] is False
+    record = merge(record, Observation("c", Source.DETAIL, at(1), "done", {"call_duration_secs": 61.0}))
+    assert record["call_duration_secs"] == 61.0
+    assert record["complete"] is True
+
+
+def test_failure_wins_over_done_whatever_the_order() -> None:
+    done = Observation("c", Source.DETAIL, at(0), "done", {"agent_id": "a"})
+    failed = Observation("c", Source.FAILURE_WEBHOOK, at(1), "failed", {"failure_reason": "busy"})
+    assert fold([done, failed])["status"] == fold([failed, done])["status"] == "failed"
