@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from service.ingest import get_record
 from service.db import create_engine
+from service.ingest import get_record
 from tests.support.databases import migrated_sqlite
 from tests.support.process import peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process
 from tests.support.webhooks import SECRET

@@ -65,7 +65,7 @@ def test_full_audio_elsewhere_is_not_audio() -> None:
 
 def test_a_key_named_like_the_path_inside_a_string_is_not_a_key() -> None:
     body = json.dumps({"data": {"note": '"full_audio": "QUJD"', "conversation_id": "c"}}).encode()
-    skeleton, decoded, found = split(body, [5])
+    skeleton, _decoded, found = split(body, [5])
     assert not found and skeleton == body
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -88,10 +90,8 @@ def test_parser_raises_only_its_own_error(header: str) -> None:
     st.lists(st.sampled_from(["t=", "v0=", "v1=", ",", " ", "=", "1", "a", "F", "0" * 64, "é", "\x00"])).map("".join)
 )
 def test_parser_on_header_shaped_noise(header: str) -> None:
-    try:
+    with contextlib.suppress(SignatureError):
         parse_header(header)
-    except SignatureError:
-        pass
 
 
 @given(body=st.binary(max_size=512), secret=st.binary(min_size=1, max_size=64), chunk=st.integers(1, 64))
