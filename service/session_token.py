@@ -1,4 +1,4 @@
-"""The conversation_id inside a WebRTC conversation token. Pure.
+"""The conversation_id inside a WebRTC conversation token or a WebSocket signed URL answer. Pure.
 
 ElevenLabs' `GET /v1/convai/conversation/token` answers with a LiveKit access token: a JWT whose payload
 carries a `video` grant naming the LiveKit `room`. ElevenLabs' own client SDK (`WebRTCConnection.ts` in
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -65,3 +67,20 @@ def token_claims(token: object) -> dict[str, Any] | None:
 def _padded(segment: str) -> str:
     # A length of 1 mod 4 cannot be whole bytes; it is left for the decoder to refuse.
     return segment + "=" * (-len(segment) % 4)
+
+
+def conversation_id_from_signed_url(answer: Mapping[str, Any]) -> str | None:
+    """The id of a `get-signed-url?include_conversation_id=true` answer: its top-level `conversation_id`, else
+    the `conversation_id` query parameter of its `signed_url` (the SDK model leaves the place undocumented)."""
+    top = answer.get("conversation_id")
+    if valid_conversation_id(top):
+        assert isinstance(top, str)
+        return top
+    url = answer.get("signed_url")
+    if not isinstance(url, str) or len(url) > MAX_TOKEN_CHARS:
+        return None
+    try:
+        values = parse_qs(urlsplit(url).query).get("conversation_id", [])
+    except ValueError:  # e.g. an invalid IPv6 host
+        return None
+    return values[0] if values and valid_conversation_id(values[0]) else None

@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.session_token import conversation_id_from_room, conversation_id_from_token, token_claims
+from service.session_token import (
+    conversation_id_from_room,
+    conversation_id_from_signed_url,
+    conversation_id_from_token,
+    token_claims,
+)
 
 
 def b64url(data: bytes) -> str:
@@ -127,3 +132,37 @@ def test_any_room_name_gives_the_sdk_answer(room: str) -> None:
     if result is not None:
         assert result in room
         assert result.startswith("conv_") or result == room
+
+
+SIGNED = "wss://api.elevenlabs.io/v1/convai/conversation?agent_id=agent_1&conversation_signature=sig"
+
+
+def test_signed_url_answer_prefers_the_top_level_id() -> None:
+    answer = {"signed_url": f"{SIGNED}&conversation_id=conv_in_url", "conversation_id": "conv_top"}
+    assert conversation_id_from_signed_url(answer) == "conv_top"
+
+
+def test_signed_url_answer_falls_back_to_the_query_parameter() -> None:
+    assert conversation_id_from_signed_url({"signed_url": f"{SIGNED}&conversation_id=conv_in_url"}) == "conv_in_url"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"signed_url": SIGNED},
+        {"signed_url": SIGNED, "conversation_id": None},
+        {"signed_url": SIGNED, "conversation_id": 42},
+        {"signed_url": f"{SIGNED}&conversation_id="},
+        {"signed_url": "wss://[::1/x?conversation_id=conv_a"},  # not a parseable URL
+        {"signed_url": 7},
+        {},
+    ],
+)
+def test_signed_url_answer_without_an_id_gives_none(answer: dict[str, Any]) -> None:
+    assert conversation_id_from_signed_url(answer) is None
+
+
+@given(st.dictionaries(st.sampled_from(["signed_url", "conversation_id", "x"]), st.text() | st.integers() | st.none()))
+def test_any_signed_url_answer_never_raises(answer: dict[str, Any]) -> None:
+    result = conversation_id_from_signed_url(answer)
+    assert result is None or isinstance(result, str)
