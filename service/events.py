@@ -157,6 +157,25 @@ def failure_observation(data: Mapping[str, Any], at: datetime) -> Observation:
     )
 
 
+def session_observation(
+    conversation_id: str,
+    agent_id: str,
+    user_id: str | None,
+    branch_id: str | None,
+    labels: Mapping[str, str] | None,
+    at: datetime,
+) -> Observation:
+    """A session created through the broker: the call has not started, and only the caller's facts are known."""
+    return Observation(
+        conversation_id=conversation_id,
+        source=Source.SESSION,
+        observed_at=at,
+        status="initiated",
+        fields={"agent_id": agent_id, "user_id": user_id, "branch_id": branch_id},
+        labels=dict(labels) if labels else None,
+    )
+
+
 def audio_observation(
     conversation_id: str, agent_id: str | None, audio: Audio, source: Source, at: datetime
 ) -> Observation:
