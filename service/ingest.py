@@ -7,7 +7,7 @@ Idempotency lives in the database: the archive's unique body hash and the conver
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from service.db import insert_ignoring_conflict
+from service.db import insert_ignoring_conflict, insert_many_ignoring_conflict
 from service.merge import Observation, merge
 from service.models import Conversation, WebhookEvent
 
@@ -48,9 +48,8 @@ class Delivery:
     body: bytes | None
 
 
-def archive(conn: Connection, delivery: Delivery) -> bool:
-    """Store the delivery; False when a byte-identical body was stored before (a replay)."""
-    values = {
+def _archive_values(delivery: Delivery) -> dict[str, Any]:
+    return {
         "body_sha256": delivery.body_sha256,
         "event_type": delivery.event_type,
         "conversation_id": delivery.conversation_id,
@@ -58,54 +57,105 @@ def archive(conn: Connection, delivery: Delivery) -> bool:
         "body_bytes": delivery.body_bytes,
         "body": delivery.body,
     }
-    return insert_ignoring_conflict(conn, webhook_events, values, "body_sha256")
+
+
+def archive(conn: Connection, delivery: Delivery) -> bool:
+    """Store the delivery; False when a byte-identical body was stored before (a replay)."""
+    return insert_ignoring_conflict(conn, webhook_events, _archive_values(delivery), "body_sha256")
 
 
 def record_delivery(conn: Connection, delivery: Delivery, observation: Observation | None) -> Outcome:
     """Archive a webhook delivery and, unless it is a replay or of an unknown type, merge what it says."""
-    if not archive(conn, delivery):
-        return Outcome.DUPLICATE
-    if observation is None:
-        return Outcome.IGNORED
-    apply(conn, observation, now=delivery.received_at)
-    return Outcome.ACCEPTED
+    return record_deliveries(conn, [(delivery, observation)])[0]
+
+
+def record_deliveries(conn: Connection, items: Sequence[tuple[Delivery, Observation | None]]) -> list[Outcome]:
+    """`record_delivery` for a batch in one transaction, in a constant number of statements.
+
+    Order is kept: a body that appears twice in the batch is a duplicate the second time, and observations of
+    one conversation merge in the order given.
+    """
+    archived = insert_many_ignoring_conflict(
+        conn, webhook_events, [_archive_values(delivery) for delivery, _ in items], "body_sha256"
+    )
+    outcomes: list[Outcome] = []
+    fresh: set[str] = set()
+    observations: list[Observation] = []
+    for delivery, observation in items:
+        if delivery.body_sha256 not in archived or delivery.body_sha256 in fresh:
+            outcomes.append(Outcome.DUPLICATE)
+            continue
+        fresh.add(delivery.body_sha256)
+        if observation is None:
+            outcomes.append(Outcome.IGNORED)
+            continue
+        outcomes.append(Outcome.ACCEPTED)
+        observations.append(observation)
+    if observations:
+        apply_many(conn, observations, now=items[0][0].received_at)
+    return outcomes
 
 
 def apply(conn: Connection, obs: Observation, now: datetime) -> Change:
     """Merge one observation into its conversation record (creating it if new)."""
-    current = _locked_record(conn, obs.conversation_id)
-    if current is None:
-        created = merge(None, obs)
-        created["updated_at"] = now
-        if insert_ignoring_conflict(conn, conversations, created, "conversation_id"):
-            return Change.NEW
-        # Another transaction created it between our read and insert (PostgreSQL): merge into theirs.
-        current = _locked_record(conn, obs.conversation_id)
-        assert current is not None
-    merged = merge(current, obs)
-    changed = {name: value for name, value in merged.items() if current.get(name) != value}
-    if not changed:
-        return Change.UNCHANGED
-    changed["updated_at"] = now
-    conn.execute(sa.update(conversations).where(conversations.c.conversation_id == obs.conversation_id).values(changed))
-    return Change.UPDATED
+    return apply_many(conn, [obs], now)[obs.conversation_id]
 
 
-def _locked_record(conn: Connection, conversation_id: str) -> dict[str, Any] | None:
-    row = (
-        conn.execute(
-            sa.select(conversations).where(conversations.c.conversation_id == conversation_id).with_for_update()
-        )
-        .mappings()
-        .first()
-    )
-    return _record(dict(row)) if row is not None else None
+def apply_many(conn: Connection, observations: Sequence[Observation], now: datetime) -> dict[str, Change]:
+    """Merge observations into their records: one locking read, one insert, one update per changed record."""
+    ids = sorted({obs.conversation_id for obs in observations})
+    stored = _locked_records(conn, ids)
+    merged = _fold(stored, observations)
+    created = {cid: record for cid, record in merged.items() if cid not in stored}
+    lost_race: set[str] = set()
+    if created:
+        rows = [{**record, "updated_at": now} for record in created.values()]
+        inserted = insert_many_ignoring_conflict(conn, conversations, rows, "conversation_id")
+        lost_race = set(created) - inserted
+    if lost_race:
+        # Another transaction created these between our read and insert (PostgreSQL): merge into theirs.
+        stored.update(_locked_records(conn, sorted(lost_race)))
+        merged.update(_fold(stored, [obs for obs in observations if obs.conversation_id in lost_race]))
+    changes: dict[str, Change] = {}
+    for cid, record in merged.items():
+        if cid in created and cid not in lost_race:
+            changes[cid] = Change.NEW
+            continue
+        changed = {name: value for name, value in record.items() if stored[cid].get(name) != value}
+        changes[cid] = Change.UPDATED if changed else Change.UNCHANGED
+        if changed:
+            conn.execute(
+                sa.update(conversations)
+                .where(conversations.c.conversation_id == cid)
+                .values({**changed, "updated_at": now})
+            )
+    return changes
 
 
-def _record(row: Mapping[str, Any]) -> dict[str, Any]:
-    record = dict(row)
-    record.pop("updated_at", None)
-    return record
+def _fold(stored: Mapping[str, dict[str, Any]], observations: Sequence[Observation]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for obs in observations:
+        cid = obs.conversation_id
+        merged[cid] = merge(merged.get(cid, stored.get(cid)), obs)
+    return merged
+
+
+def _locked_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The stored records among `ids`, locked for update in id order (so concurrent batches cannot deadlock)."""
+    if not ids:
+        return {}
+    rows = conn.execute(
+        sa.select(conversations)
+        .where(conversations.c.conversation_id.in_(ids))
+        .order_by(conversations.c.conversation_id)
+        .with_for_update()
+    ).mappings()
+    records = {}
+    for row in rows:
+        record = dict(row)
+        record.pop("updated_at", None)
+        records[record["conversation_id"]] = record
+    return records
 
 
 def get_record(conn: Connection, conversation_id: str) -> dict[str, Any] | None:
