@@ -44,6 +44,24 @@ class Conversation(SQLModel, table=True):
     """One record per conversation_id; every source merges into it (see merge.py)."""
 
     __tablename__ = "conversation"
+    # The read API's keyset order is (start_time_unix_secs, conversation_id), newest first: each filter that
+    # narrows sharply gets its own (filter, start, id) index so a page is one short range scan (migration 0002).
+    # jsonb_path_ops GIN indexes answer `var.<name>=` / `label.<name>=` (containment) on PostgreSQL.
+    __table_args__ = (
+        sa.Index("ix_conversation_start", "start_time_unix_secs", "conversation_id"),
+        sa.Index("ix_conversation_agent_start", "agent_id", "start_time_unix_secs", "conversation_id"),
+        sa.Index("ix_conversation_user_start", "user_id", "start_time_unix_secs", "conversation_id"),
+        sa.Index("ix_conversation_status_start", "status", "start_time_unix_secs", "conversation_id"),
+        sa.Index(
+            "ix_conversation_dynamic_variables",
+            "dynamic_variables",
+            postgresql_using="gin",
+            postgresql_ops={"dynamic_variables": "jsonb_path_ops"},
+        ),
+        sa.Index(
+            "ix_conversation_labels", "labels", postgresql_using="gin", postgresql_ops={"labels": "jsonb_path_ops"}
+        ),
+    )
 
     conversation_id: str = Field(primary_key=True, max_length=256)
     agent_id: str | None = Field(default=None, max_length=256)

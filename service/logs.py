@@ -1,0 +1,110 @@
+"""Structured logs: one JSON object per line when standard error is not a terminal, readable lines when it is.
+
+A line that concerns one conversation carries its `conversation_id` (pass it as `extra={"conversation_id": …}`).
+Only the context fields named in `CONTEXT_FIELDS` are ever written, so an `extra` holding a payload, a transcript
+or a header cannot leak into the logs by accident; and anything shaped like a credential (a bearer token, an
+`xi-api-key`, a webhook signature) is masked in every message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+
+CONTEXT_FIELDS = (
+    "conversation_id",
+    "agent_id",
+    "event_type",
+    "outcome",
+    "run_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+)
+MASK = "[redacted]"
+_CREDENTIALS = re.compile(
+    r"(?i)(bearer\s+|xi-api-key[\"':=\s]+|authorization[\"':=\s]+|v0=|api_key=|token=)[^\s,;&\"']+"
+)
+
+
+def redact(text: str) -> str:
+    return _CREDENTIALS.sub(lambda match: match.group(1) + MASK, text)
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in CONTEXT_FIELDS if getattr(record, name, None) is not None}
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "message", <context fields>, "exception"?}` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            **_context(record),
+        }
+        if record.exc_info:
+            line["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(line, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """For a person at a terminal: the usual line, context fields appended as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = redact(super().format(record))
+        context = " ".join(f"{name}={value}" for name, value in _context(record).items())
+        return f"{line} {context}" if context else line
+
+
+def configure(level: int = logging.INFO, stream: TextIO | None = None, json_lines: bool | None = None) -> None:
+    """Route every logger (uvicorn's included) to one handler on `stream` (standard error by default)."""
+    stream = sys.stderr if stream is None else stream
+    if json_lines is None:
+        json_lines = not stream.isatty()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if json_lines else ConsoleFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # uvicorn's own handlers would print a second, unstructured copy of each line.
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def dict_config(level: int = logging.INFO, json_lines: bool | None = None) -> dict[str, Any]:
+    """The same setup as `configure`, as a `logging.config.dictConfig` mapping.
+
+    For uvicorn's `log_config`: each worker process applies it at start, which a setup done in the parent
+    process (spawned workers inherit none of it) would not reach.
+    """
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    formatter = JsonFormatter if json_lines else ConsoleFormatter
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"postcall": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "postcall", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": logging.getLevelName(level), "handlers": ["stderr"]},
+        "loggers": {
+            name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }

@@ -1,0 +1,232 @@
+"""The list endpoint's query parameters → a typed `ConversationFilter`. Pure: no Starlette, no SQL.
+
+Every parameter is checked here, so nothing a client writes in a query string can reach the database in a shape
+it would refuse (a NUL byte, a number beyond BIGINT, a malformed cursor): anything unusable is a `QueryError`
+naming the parameter, which the web layer answers with 422.
+
+Ordering (see reads.py): newest `start_time_unix_secs` first, ties by `conversation_id` descending; records
+without a start time come after every dated record (they sort as the oldest), among themselves by
+`conversation_id` descending. The cursor is the sort key of the last record of a page.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from service.events import valid_conversation_id
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+SOURCES = ("webhook", "reconcile", "session")
+MAX_VALUE_LENGTH = 1024
+# Year 9999: anything later is not a start time, and keeps every bound inside a BIGINT.
+MAX_UNIX_SECONDS = 253_402_300_799
+# Names inside `var.<name>` / `label.<name>`: what ElevenLabs allows for dynamic variables, and safe to place
+# in a SQLite JSON path without quoting rules of its own.
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_UNIX = re.compile(r"\d{1,15}(\.\d{1,9})?")
+_NUMBER = re.compile(r"-?(0|[1-9]\d{0,15})(\.\d{1,15})?")
+
+SCALAR_PARAMETERS = ("agent_id", "status", "user_id", "call_successful")
+DOCUMENTED_PARAMETERS = (
+    *SCALAR_PARAMETERS,
+    "started_after",
+    "started_before",
+    "source",
+    "has_audio",
+    "limit",
+    "cursor",
+)
+
+
+class QueryError(Exception):
+    """A query parameter postcall cannot use; `parameter` names it, `message` says why."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The sort key of the last record already returned: the next page starts strictly after it."""
+
+    start_time_unix_secs: int | None
+    conversation_id: str
+
+
+@dataclass(frozen=True)
+class JsonMatch:
+    """`var.<name>=<value>` or `label.<name>=<value>`: the stored object's key equals the value.
+
+    The value matches a stored string equal to it; when it reads as a number or `true`/`false` it also matches
+    that JSON number or boolean (dynamic variables may be any of the three).
+    """
+
+    name: str
+    text: str
+
+    @property
+    def number(self) -> int | float | None:
+        if not _NUMBER.fullmatch(self.text):
+            return None
+        value = float(self.text)
+        return int(value) if value.is_integer() and "." not in self.text else value
+
+    @property
+    def boolean(self) -> bool | None:
+        return {"true": True, "false": False}.get(self.text)
+
+
+@dataclass(frozen=True)
+class ConversationFilter:
+    agent_id: str | None = None
+    status: str | None = None
+    user_id: str | None = None
+    call_successful: str | None = None
+    started_after: int | None = None  # inclusive
+    started_before: int | None = None  # exclusive
+    first_seen_via: str | None = None
+    has_audio: bool | None = None
+    variables: tuple[JsonMatch, ...] = ()
+    labels: tuple[JsonMatch, ...] = ()
+    limit: int = DEFAULT_LIMIT
+    after: Cursor | None = None
+
+
+def parse_filter(params: Iterable[tuple[str, str]]) -> ConversationFilter:
+    """Read the list endpoint's query parameters (as (name, value) pairs, repeats included)."""
+    seen: set[str] = set()
+    values: dict[str, Any] = {}
+    variables: list[JsonMatch] = []
+    labels: list[JsonMatch] = []
+    for name, raw in params:
+        if name in seen:
+            raise QueryError(name, "given more than once")
+        seen.add(name)
+        if name.startswith("var."):
+            variables.append(_json_match(name, "var.", raw))
+        elif name.startswith("label."):
+            labels.append(_json_match(name, "label.", raw))
+        elif name in SCALAR_PARAMETERS:
+            values[name] = _text(name, raw)
+        elif name in ("started_after", "started_before"):
+            values[name] = parse_time(name, raw)
+        elif name == "source":
+            if raw not in SOURCES:
+                raise QueryError(name, f"must be one of {', '.join(SOURCES)}")
+            values["first_seen_via"] = raw
+        elif name == "has_audio":
+            values[name] = parse_bool(name, raw)
+        elif name == "limit":
+            values[name] = _whole_number(name, raw, MAX_LIMIT)
+        elif name == "cursor":
+            values["after"] = decode_cursor(raw)
+        else:
+            raise QueryError(
+                name, "unknown parameter (filters: " + ", ".join(DOCUMENTED_PARAMETERS) + ", var.<name>, label.<name>)"
+            )
+    return ConversationFilter(**values, variables=tuple(variables), labels=tuple(labels))
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw:
+        raise QueryError(name, "must not be empty")
+    if len(raw) > MAX_VALUE_LENGTH:
+        raise QueryError(name, f"longer than {MAX_VALUE_LENGTH} characters")
+    if not raw.isprintable():
+        raise QueryError(name, "contains control characters")
+    return raw
+
+
+def _json_match(name: str, prefix: str, raw: str) -> JsonMatch:
+    key = name[len(prefix) :]
+    if not _KEY_NAME.fullmatch(key):
+        raise QueryError(name, "the name after the dot must be 1-128 letters, digits, '_' or '-'")
+    return JsonMatch(key, _text(name, raw))
+
+
+def parse_time(name: str, raw: str) -> int:
+    """Unix seconds or ISO-8601 (a time without a zone is UTC) → whole unix seconds, rounded up.
+
+    Rounding up is exact for both bounds because stored start times are whole seconds: `start >= 10.5` and
+    `start < 10.5` are `start >= 11` and `start < 11`.
+    """
+    text = raw.strip()
+    if _UNIX.fullmatch(text):
+        seconds = float(text)
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise QueryError(name, "must be unix seconds or an ISO-8601 date-time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        try:
+            seconds = moment.timestamp()
+        except (OverflowError, OSError, ValueError):
+            raise QueryError(name, "is out of range") from None
+    whole = math.ceil(seconds)
+    if not 0 <= whole <= MAX_UNIX_SECONDS:
+        raise QueryError(name, "must be between 1970 and 9999")
+    return whole
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise QueryError(name, "must be true or false")
+
+
+def _whole_number(name: str, raw: str, maximum: int) -> int:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= maximum:
+        raise QueryError(name, f"must be a whole number from 1 to {maximum}")
+    return int(raw)
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    payload = json.dumps([cursor.start_time_unix_secs, cursor.conversation_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> Cursor:
+    """The inverse of `encode_cursor`; anything else is a QueryError, never a crash."""
+    try:
+        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        start, conversation_id = json.loads(decoded)
+    except (binascii.Error, ValueError, TypeError):
+        raise QueryError("cursor", "is not a cursor this API returned") from None
+    start_ok = start is None or (type(start) is int and 0 <= abs(start) <= 2**62)
+    if not start_ok or not valid_conversation_id(conversation_id):
+        raise QueryError("cursor", "is not a cursor this API returned")
+    return Cursor(start, conversation_id)
+
+
+DEFAULT_RUNS = 20
+MAX_RUNS = 200
+
+
+def parse_runs_limit(params: Iterable[tuple[str, str]]) -> int:
+    """`GET /v1/reconcile/runs` takes only `limit` (default 20, at most 200)."""
+    limit = DEFAULT_RUNS
+    seen: set[str] = set()
+    for name, raw in params:
+        if name in seen:
+            raise QueryError(name, "given more than once")
+        seen.add(name)
+        if name != "limit":
+            raise QueryError(name, "unknown parameter (this endpoint takes only limit)")
+        limit = _whole_number(name, raw, MAX_RUNS)
+    return limit

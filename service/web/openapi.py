@@ -1,0 +1,329 @@
+"""`GET /openapi.json`: the OpenAPI 3.1 document, built from the app's routes.
+
+Paths, methods and which operations need a bearer token come from the routes themselves (`auth.requires_bearer`);
+what each operation takes and answers is written down in `OPERATIONS` below. A route with no entry still appears
+(as "undocumented"), and tests/test_openapi.py fails on it — so the document cannot silently fall behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from service import queries
+from service.web.auth import ENABLE_HINT, requires_bearer
+
+UNDOCUMENTED = "undocumented"
+_CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
+
+
+def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], **extra}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json({"$ref": "#/components/schemas/Error"}, description)
+
+
+TIME = _nullable("string", format="date-time")
+RECORD_PROPERTIES: dict[str, Any] = {
+    "conversation_id": {"type": "string"},
+    "agent_id": _nullable("string"),
+    "status": _nullable("string", description="initiated, in-progress, processing, done or failed"),
+    "user_id": _nullable("string"),
+    "branch_id": _nullable("string"),
+    "start_time_unix_secs": _nullable("integer"),
+    "call_duration_secs": _nullable("number"),
+    "call_successful": _nullable("string", description="success, failure or unknown"),
+    "transcript_summary": _nullable("string"),
+    "termination_reason": _nullable("string"),
+    "main_language": _nullable("string"),
+    "initiation_source": _nullable("string"),
+    "failure_reason": _nullable("string"),
+    "dynamic_variables": _nullable("object"),
+    "labels": _nullable("object"),
+    "has_audio": {"type": "boolean", "description": "audio is stored and served by /audio"},
+    "first_seen_via": {"type": "string", "enum": list(queries.SOURCES)},
+    "webhook_received_at": TIME,
+    "audio_received_at": TIME,
+    "reconciled_at": TIME,
+    "complete": {"type": "boolean", "description": "the full detail (transcript, analysis) is stored"},
+}
+DETAIL_PROPERTIES: dict[str, Any] = {
+    **RECORD_PROPERTIES,
+    "transcript": _nullable("array", items={"type": "object"}),
+    "analysis": _nullable("object"),
+    "metadata": _nullable("object"),
+}
+RUN_PROPERTIES: dict[str, Any] = {
+    "id": {"type": "integer"},
+    "started_at": {"type": "string", "format": "date-time"},
+    "finished_at": TIME,
+    "status": {"type": "string", "description": "running, succeeded or failed"},
+    "holder": {"type": "string"},
+    "dry_run": {"type": "boolean"},
+    "agents": _nullable("array"),
+    "window_start_unix": _nullable("integer"),
+    "window_end_unix": _nullable("integer"),
+    **{name: {"type": "integer"} for name in ("listed", "new", "updated", "details_fetched", "audio_fetched")},
+    "failed": {"type": "integer"},
+    "error": _nullable("string"),
+}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "properties": {"error": {"type": "string"}, "parameter": {"type": "string"}},
+        "required": ["error"],
+    },
+    "Conversation": _object(RECORD_PROPERTIES),
+    "ConversationDetail": _object(DETAIL_PROPERTIES),
+    "ConversationPage": _object(
+        {
+            "conversations": {"type": "array", "items": {"$ref": "#/components/schemas/Conversation"}},
+            "next_cursor": _nullable("string"),
+            "has_more": {"type": "boolean"},
+        }
+    ),
+    "ReconcileRun": _object(RUN_PROPERTIES),
+    "ReconcileRuns": _object({"runs": {"type": "array", "items": {"$ref": "#/components/schemas/ReconcileRun"}}}),
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+TIME_PARAMETER = {"type": "string", "minLength": 1}
+LIST_PARAMETERS = [
+    _query("agent_id", {"type": "string", "minLength": 1}, "only this agent's conversations"),
+    _query("status", {"type": "string", "minLength": 1}, "initiated, in-progress, processing, done or failed"),
+    _query("user_id", {"type": "string", "minLength": 1}, "the user_id given when the conversation started"),
+    _query("call_successful", {"type": "string", "minLength": 1}, "success, failure or unknown"),
+    _query("started_after", TIME_PARAMETER, "start time at or after this (unix seconds or ISO-8601; no zone = UTC)"),
+    _query("started_before", TIME_PARAMETER, "start time before this (unix seconds or ISO-8601; no zone = UTC)"),
+    _query("source", {"type": "string", "enum": list(queries.SOURCES)}, "how postcall first learnt of it"),
+    _query("has_audio", {"type": "boolean"}, "whether audio is stored"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": queries.MAX_LIMIT}, "page size (default 50)"),
+    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+]
+CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": {"type": "string"}}
+UNAVAILABLE = _error("the database is unavailable")
+
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("GET", "/v1/conversations"): {
+        "summary": "List stored conversations, newest start first",
+        "description": (
+            "Keyset pagination: pass `next_cursor` as `cursor` until `has_more` is false. Ties in start time are "
+            "broken by `conversation_id` (descending); conversations without a start time come last. Besides the "
+            "parameters below, `var.<name>=<value>` matches a dynamic variable and `label.<name>=<value>` a "
+            "session label (a value that reads as a number or true/false also matches that JSON type). "
+            "Unknown or repeated parameters are refused with 422."
+        ),
+        "parameters": LIST_PARAMETERS,
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/ConversationPage"}, "a page of conversations"),
+            "422": _error("a query parameter is unusable; `parameter` names it"),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("GET", "/v1/conversations/{conversation_id}"): {
+        "summary": "One conversation with its transcript, analysis, metadata and provenance",
+        "parameters": [CONVERSATION_ID],
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/ConversationDetail"}, "the stored record"),
+            "404": _error("no conversation with this id is stored"),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("GET", "/v1/conversations/{conversation_id}/audio"): {
+        "summary": "The conversation's audio (MP3), with Range support",
+        "description": (
+            "One `bytes` range is answered 206; a range starting past the end is 416. Several ranges, another "
+            "unit or an If-Range header: the whole file with 200."
+        ),
+        "parameters": [
+            CONVERSATION_ID,
+            {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {"description": "the whole file", "content": {"audio/mpeg": {}}},
+            "206": {"description": "the requested range", "content": {"audio/mpeg": {}}},
+            "404": _error("unknown conversation, or no audio stored"),
+            "416": _error("the range starts beyond the end of the file"),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("GET", "/v1/reconcile/runs"): {
+        "summary": "Recent reconcile runs and their counts, newest first",
+        "parameters": [
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": queries.MAX_RUNS}, "how many (default 20)")
+        ],
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/ReconcileRuns"}, "the runs"),
+            "422": _error("a query parameter is unusable; `parameter` names it"),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("POST", "/v1/sessions"): {
+        "summary": "Start a session: fetch a WebRTC token or WebSocket signed URL and record the conversation",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["agent_id", "transport"],
+                        "properties": {
+                            "agent_id": {"type": "string"},
+                            "transport": {"type": "string", "enum": ["webrtc", "websocket"]},
+                            "participant_name": {"type": "string"},
+                            "branch_id": {"type": "string"},
+                            "environment": {"type": "string"},
+                            "user_id": {"type": "string"},
+                            "labels": {"type": "object"},
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["conversation_id", "agent_id"],
+                    "properties": {
+                        "conversation_id": _nullable("string"),
+                        "agent_id": {"type": "string"},
+                        "token": {"type": "string"},
+                        "signed_url": {"type": "string"},
+                    },
+                },
+                "the token or signed URL, and the conversation it opens",
+            ),
+            "404": _error("ElevenLabs does not know this agent or branch"),
+            "413": _error("body too large"),
+            "422": _error("the body is unusable"),
+            "502": _error("ElevenLabs refused the request or answered unreadably"),
+            "503": _error("ElevenLabs or the database is unavailable"),
+        },
+    },
+    ("POST", "/webhooks/elevenlabs"): {
+        "summary": "ElevenLabs post-call webhook (signed with HMAC; no bearer token)",
+        "parameters": [
+            {
+                "name": "ElevenLabs-Signature",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": 't=<unix secs>,v0=<hex HMAC-SHA256(secret, "<t>.<raw body>")>',
+            }
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["status", "conversation_id"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["accepted", "duplicate", "ignored"]},
+                        "conversation_id": _nullable("string"),
+                    },
+                },
+                "stored durably (or a duplicate, or an ignored type)",
+            ),
+            "400": _error("correctly signed, but not JSON or without data.conversation_id"),
+            "401": _error("missing, malformed or non-matching signature, or a timestamp outside the window"),
+            "413": _error("body too large"),
+            "503": _error("storage unavailable; the reconciler fills the gap later"),
+        },
+    },
+    ("GET", "/healthz"): {
+        "summary": "The process is up",
+        "responses": {"200": _json({"type": "object", "properties": {"status": {"const": "ok"}}}, "up")},
+    },
+    ("GET", "/readyz"): {
+        "summary": "The database answers",
+        "responses": {
+            "200": _json({"type": "object", "properties": {"status": {"const": "ready"}}}, "ready"),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("GET", "/metrics"): {
+        "summary": "Prometheus metrics",
+        "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {}}}},
+    },
+    ("GET", "/openapi.json"): {
+        "summary": "This document",
+        "responses": {"200": _json({"type": "object"}, "the OpenAPI 3.1 document")},
+    },
+}
+
+AUTH_RESPONSES = {
+    "401": _error("missing or wrong bearer token"),
+    "403": _error(f"no token is configured ({ENABLE_HINT})"),
+}
+
+
+def openapi_path(route: Route) -> str:
+    """`/things/{id:int}` → `/things/{id}`."""
+    return _CONVERTOR.sub(r"{\1}", route.path)
+
+
+def document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if not isinstance(route, Route) or not route.include_in_schema:
+            continue
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            paths.setdefault(openapi_path(route), {})[method.lower()] = _operation(route, method)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "postcall",
+            "version": "1",
+            "description": "A complete, queryable record of ElevenLabs voice-agent conversations.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _operation(route: Route, method: str) -> dict[str, Any]:
+    documented = OPERATIONS.get((method, openapi_path(route)))
+    operation: dict[str, Any] = copy.deepcopy(documented) if documented else {"summary": UNDOCUMENTED, "responses": {}}
+    operation["operationId"] = f"{method.lower()}_{route.name}"
+    if requires_bearer(route.endpoint):
+        operation["security"] = [{"bearer": []}]
+        operation["responses"].update(copy.deepcopy(AUTH_RESPONSES))
+    else:
+        operation["security"] = []
+    if not operation["responses"]:
+        operation["responses"] = {"default": {"description": UNDOCUMENTED}}
+    return operation
+
+
+async def serve(request: Request) -> Response:
+    return JSONResponse(document(request.app.routes))
+
+
+def routes() -> list[Route]:
+    return [Route("/openapi.json", serve, methods=["GET"])]
