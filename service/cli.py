@@ -90,5 +90,39 @@ def serve(
     )
 
 
+@app.command("send-test-webhook")
+def send_test_webhook(
+    url: Annotated[
+        str, typer.Argument(help="The webhook URL to post to.")
+    ] = "http://127.0.0.1:8000/webhooks/elevenlabs",
+    type_: Annotated[
+        str, typer.Option("--type", help="Which sample event: transcription, audio or failure.")
+    ] = "transcription",
+) -> None:
+    """Sign a realistic sample event with the first configured secret, post it, and print the answer."""
+    import time
+
+    import httpx
+
+    from service.samples import SampleType
+    from service.send_test_webhook import TIMEOUT_SECONDS
+    from service.send_test_webhook import send_test_webhook as send
+
+    kinds = [kind.value for kind in SampleType]
+    if type_ not in kinds:
+        fail(f"--type must be one of {', '.join(kinds)}, not {type_!r}")
+    settings = settings_or_exit(("webhook_secrets", "send-test-webhook"))
+    secret = settings.webhook_secrets[0].get_secret_value().encode()
+    try:
+        with httpx.Client(timeout=TIMEOUT_SECONDS) as client:
+            answer = send(client, url, SampleType(type_), secret, int(time.time()))
+    except httpx.HTTPError as exc:
+        fail(f"could not post to {url}: {type(exc).__name__}: {exc}", code=1)
+    typer.echo(f"{answer.status_code} {answer.body}")
+    if not answer.ok:
+        fail(f"{url} answered {answer.status_code}, not 200 (sample conversation {answer.conversation_id})", code=1)
+    typer.echo(f"sample conversation {answer.conversation_id} stored", err=True)
+
+
 def main() -> None:
     app()
