@@ -1,0 +1,458 @@
+"""A fake ElevenLabs platform: a real Starlette app, served on a real port, over a seeded set of conversations.
+
+It answers what postcall calls, shaped like ElevenLabs' models:
+
+    GET /v1/convai/agents                         {"agents": [...], "next_cursor", "has_more"}
+    GET /v1/convai/conversations                  agent_id, call_start_after_unix, call_start_before_unix (both
+                                                  exclusive), page_size (1..100, else 422; default 30), cursor;
+                                                  newest first, {"conversations": [...], "next_cursor", "has_more"}
+    GET /v1/convai/conversations/{id}             the detail; 404 if unknown
+    GET /v1/convai/conversations/{id}/audio       audio/mpeg; 404 when the conversation has no audio
+    GET /v1/convai/conversation/token             ?agent_id[&participant_name][&branch_id][&environment]
+                                                  → {"token": <LiveKit-style JWT>}, room "room_<conversation id>_…"
+    GET /v1/convai/conversation/get-signed-url    ?agent_id&include_conversation_id=true
+                                                  → {"signed_url": "wss://…", "conversation_id": "conv_…"}
+
+Every request needs the `xi-api-key` it was built with (else 401) and is logged in `calls` (time, path, query,
+status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
+for chosen conversation ids (`failing_ids`), slowly (`latency`), and keeps conversations `processing` until a
+test finishes them (`set_status`).
+
+Python API, for tests and for the session broker's tests:
+
+    platform = FakePlatform(api_key="k", conversations=seed_conversations(50, now=int(time.time())))
+    with platform.serve() as base_url:              # uvicorn in a thread, on a free loopback port
+        platform.throttle(2, retry_after="1")       # the next 2 requests get 429 + Retry-After: 1
+        platform.failing_ids.add(conversation_id)   # its detail and audio answer 500 until removed
+        platform.set_status(conversation_id, "done")
+        cid = platform.mint(agent_id)               # what the token / signed-url endpoints do: a new `initiated`
+                                                    # conversation, started now; returns its id
+        platform.complete(cid)                      # it becomes `done` with a transcript, is listed as such,
+                                                    # and `platform.transcription_event(cid)` is its webhook
+        platform.calls_to("detail")                 # the logged calls of one kind
+
+`WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.testing.dataset import FakeConversation, new_conversation_id
+
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 30
+AUDIO_BYTES = 32 * 1024
+JWT_KEY = b"fake-livekit-api-secret"
+TOKEN_TTL_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Call:
+    at: float  # time.monotonic() when the request arrived
+    kind: str  # agents | list | detail | audio | token | signed_url
+    path: str
+    query: dict[str, str]
+    status: int
+    request_headers: dict[str, str]
+    response_headers: dict[str, str]
+
+
+@dataclass
+class _Throttle:
+    remaining: int
+    retry_after: str
+    kinds: frozenset[str] | None
+
+
+@dataclass
+class FakePlatform:
+    api_key: str = "fake-api-key"
+    conversations: Iterable[FakeConversation] = ()
+    agents: tuple[str, ...] = ()
+    latency: float = 0.0  # seconds added to every answer
+    audio_bytes: int = AUDIO_BYTES
+    failing_ids: set[str] = field(default_factory=set)
+    calls: list[Call] = field(default_factory=list)
+    log_calls: bool = True  # off for benchmarks with very many calls
+
+    def __post_init__(self) -> None:
+        self._lock = threading.RLock()
+        self._by_id: dict[str, FakeConversation] = {}
+        # (-start, id): ascending order is newest first, as the API lists; one index in all and one per agent.
+        self._order: dict[str | None, list[tuple[int, str]]] = {None: []}
+        self._throttles: list[_Throttle] = []
+        self._agents = list(self.agents)
+        for conversation in self.conversations:
+            self.add(conversation)
+        self.conversations = ()  # the index holds them; do not keep a second reference to the input
+
+    # --- the data set ----------------------------------------------------------------------------------------
+
+    def add(self, conversation: FakeConversation) -> None:
+        with self._lock:
+            if conversation.conversation_id in self._by_id:
+                raise ValueError(f"duplicate conversation {conversation.conversation_id}")
+            self._by_id[conversation.conversation_id] = conversation
+            key = (-conversation.start_time_unix_secs, conversation.conversation_id)
+            bisect.insort(self._order[None], key)
+            bisect.insort(self._order.setdefault(conversation.agent_id, []), key)
+            if conversation.agent_id not in self._agents:
+                self._agents.append(conversation.agent_id)
+
+    def get(self, conversation_id: str) -> FakeConversation:
+        with self._lock:
+            return self._by_id[conversation_id]
+
+    def all(self) -> list[FakeConversation]:
+        with self._lock:
+            return [self._by_id[cid] for _, cid in self._order[None]]
+
+    @property
+    def agent_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._agents)
+
+    def set_status(self, conversation_id: str, status: str) -> None:
+        with self._lock:
+            self._by_id[conversation_id].status = status
+
+    def mint(
+        self,
+        agent_id: str,
+        *,
+        participant_name: str | None = None,
+        branch_id: str | None = None,
+        environment: str | None = None,
+    ) -> str:
+        """A new conversation, `initiated` and started now, as a session start creates it; returns its id."""
+        conversation = FakeConversation(
+            conversation_id=new_conversation_id(),
+            agent_id=agent_id,
+            start_time_unix_secs=int(time.time()),
+            status="initiated",
+            call_duration_secs=0,
+            user_id=participant_name,
+            branch_id=branch_id,
+            environment=environment,
+        )
+        self.add(conversation)
+        return conversation.conversation_id
+
+    def complete(self, conversation_id: str, *, duration_secs: int = 42, has_audio: bool = True) -> FakeConversation:
+        """The call ended: the conversation becomes `done` with a transcript and analysis (and audio)."""
+        with self._lock:
+            conversation = self._by_id[conversation_id]
+            conversation.status = "done"
+            conversation.call_duration_secs = duration_secs
+            conversation.has_audio = has_audio
+            return conversation
+
+    # --- webhook events of the data set ------------------------------------------------------------------------
+
+    def transcription_event(self, conversation_id: str) -> dict[str, Any]:
+        detail = self.get(conversation_id).detail()
+        return {"type": "post_call_transcription", "event_timestamp": int(time.time()), "data": detail}
+
+    def audio_event(self, conversation_id: str) -> dict[str, Any]:
+        conversation = self.get(conversation_id)
+        audio = base64.b64encode(conversation.audio(self.audio_bytes)).decode()
+        data = {"agent_id": conversation.agent_id, "conversation_id": conversation_id, "full_audio": audio}
+        return {"type": "post_call_audio", "event_timestamp": int(time.time()), "data": data}
+
+    def failure_event(self, conversation_id: str) -> dict[str, Any]:
+        conversation = self.get(conversation_id)
+        data = {
+            "agent_id": conversation.agent_id,
+            "conversation_id": conversation_id,
+            "failure_reason": "no-answer",
+            "metadata": {"type": "sip", "body": {"sip_status_code": 480, "error_reason": "no answer"}},
+        }
+        return {"type": "call_initiation_failure", "event_timestamp": int(time.time()), "data": data}
+
+    def events(self, *, audio: bool = False) -> list[dict[str, Any]]:
+        """The webhooks ElevenLabs would send for every final conversation, oldest call first."""
+        out: list[dict[str, Any]] = []
+        for conversation in reversed(self.all()):
+            cid = conversation.conversation_id
+            if conversation.status == "done":
+                out.append(self.transcription_event(cid))
+                if audio and conversation.has_audio:
+                    out.append(self.audio_event(cid))
+            elif conversation.status == "failed":
+                out.append(self.failure_event(cid))
+        return out
+
+    # --- faults and the call log --------------------------------------------------------------------------------
+
+    def throttle(self, times: int, retry_after: str = "1", kinds: Iterable[str] | None = None) -> None:
+        """The next `times` requests (of `kinds`, default any) answer 429 with this `Retry-After`."""
+        with self._lock:
+            self._throttles.append(_Throttle(times, retry_after, frozenset(kinds) if kinds else None))
+
+    def calls_to(self, kind: str) -> list[Call]:
+        with self._lock:
+            return [call for call in self.calls if call.kind == kind]
+
+    def reset_calls(self) -> None:
+        with self._lock:
+            self.calls.clear()
+
+    # --- serving ------------------------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/convai/agents", self._endpoint("agents", self._agents_page)),
+                Route("/v1/convai/conversations", self._endpoint("list", self._conversations_page)),
+                Route("/v1/convai/conversations/{conversation_id}", self._endpoint("detail", self._detail)),
+                Route("/v1/convai/conversations/{conversation_id}/audio", self._endpoint("audio", self._audio)),
+                Route("/v1/convai/conversation/token", self._endpoint("token", self._token)),
+                Route("/v1/convai/conversation/get-signed-url", self._endpoint("signed_url", self._signed_url)),
+            ]
+        )
+
+    @contextmanager
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """Serve on a real port (a free one by default) in a background thread; yields the base URL."""
+        import socket
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound_port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app(), log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the fake platform did not start")
+            time.sleep(0.01)
+        try:
+            yield f"http://{host}:{bound_port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()
+
+    def _endpoint(self, kind: str, handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            arrived = time.monotonic()
+            response = self._refusal(kind, request)
+            if response is None:
+                if self.latency:
+                    await anyio.sleep(self.latency)
+                response = handler(request)
+            if self.log_calls:
+                call = Call(
+                    at=arrived,
+                    kind=kind,
+                    path=request.url.path,
+                    query=dict(request.query_params),
+                    status=response.status_code,
+                    request_headers=dict(request.headers),
+                    response_headers=dict(response.headers),
+                )
+                with self._lock:
+                    self.calls.append(call)
+            return response
+
+        return endpoint
+
+    def _refusal(self, kind: str, request: Request) -> Response | None:
+        given = request.headers.get("xi-api-key", "")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return _error(401, "invalid_api_key", "Invalid API key")
+        with self._lock:
+            for throttle in self._throttles:
+                if throttle.remaining > 0 and (throttle.kinds is None or kind in throttle.kinds):
+                    throttle.remaining -= 1
+                    response = _error(429, "too_many_concurrent_requests", "Too many requests")
+                    response.headers["retry-after"] = throttle.retry_after
+                    return response
+            cid = request.path_params.get("conversation_id")
+            if cid is not None and cid in self.failing_ids:
+                return _error(500, "internal_error", "An internal error occurred")
+        return None
+
+    # --- handlers (run under no lock of the caller; each takes the lock for its read) ---------------------------
+
+    def _agents_page(self, request: Request) -> Response:
+        size = _page_size(request)
+        if isinstance(size, Response):
+            return size
+        with self._lock:
+            agents = list(self._agents)
+        offset = int(request.query_params.get("cursor") or 0)
+        page = agents[offset : offset + size]
+        more = offset + size < len(agents)
+        body = {
+            "agents": [_agent_summary(agent_id) for agent_id in page],
+            "next_cursor": str(offset + size) if more else None,
+            "has_more": more,
+        }
+        return JSONResponse(body)
+
+    def _conversations_page(self, request: Request) -> Response:
+        size = _page_size(request)
+        if isinstance(size, Response):
+            return size
+        query = request.query_params
+        try:
+            after = int(query["call_start_after_unix"]) if "call_start_after_unix" in query else None
+            before = int(query["call_start_before_unix"]) if "call_start_before_unix" in query else None
+            cursor = _read_cursor(query.get("cursor"))
+        except ValueError:
+            return _error(422, "invalid_parameters", "bad call_start_*_unix or cursor")
+        with self._lock:
+            keys = self._order.get(query.get("agent_id"), []) if "agent_id" in query else self._order[None]
+            position = 0 if before is None else bisect.bisect_left(keys, (-before + 1, ""))
+            if cursor is not None:
+                position = max(position, bisect.bisect_right(keys, cursor))
+            page: list[dict[str, Any]] = []
+            last: tuple[int, str] | None = None
+            more = False
+            for key in keys[position:]:
+                if after is not None and -key[0] <= after:
+                    break
+                if len(page) == size:
+                    more = True
+                    break
+                page.append(self._by_id[key[1]].summary())
+                last = key
+        next_cursor = _write_cursor(last) if more and last is not None else None
+        return _json({"conversations": page, "next_cursor": next_cursor, "has_more": more})
+
+    def _detail(self, request: Request) -> Response:
+        with self._lock:
+            conversation = self._by_id.get(request.path_params["conversation_id"])
+            detail = conversation.detail() if conversation is not None else None
+        if detail is None:
+            return _error(404, "conversation_not_found", "Conversation not found")
+        return _json(detail)
+
+    def _audio(self, request: Request) -> Response:
+        with self._lock:
+            conversation = self._by_id.get(request.path_params["conversation_id"])
+        if conversation is None or not (conversation.has_audio and conversation.status == "done"):
+            return _error(404, "audio_not_found", "No audio for this conversation")
+        return Response(conversation.audio(self.audio_bytes), media_type="audio/mpeg")
+
+    def _token(self, request: Request) -> Response:
+        query = request.query_params
+        agent_id = query.get("agent_id")
+        if not agent_id:
+            return _error(422, "invalid_parameters", "agent_id is required")
+        if agent_id not in self.agent_ids:
+            return _error(404, "agent_not_found", f"Agent {agent_id} not found")
+        name = query.get("participant_name")
+        cid = self.mint(agent_id, participant_name=name, branch_id=query.get("branch_id"))
+        return _json({"token": livekit_token(cid, name)})
+
+    def _signed_url(self, request: Request) -> Response:
+        query = request.query_params
+        agent_id = query.get("agent_id")
+        if not agent_id:
+            return _error(422, "invalid_parameters", "agent_id is required")
+        if agent_id not in self.agent_ids:
+            return _error(404, "agent_not_found", f"Agent {agent_id} not found")
+        cid = self.mint(agent_id, branch_id=query.get("branch_id"))
+        signature = secrets.token_urlsafe(24)
+        url = f"wss://api.elevenlabs.io/v1/convai/conversation?agent_id={agent_id}&conversation_signature={signature}"
+        body: dict[str, Any] = {"signed_url": url}
+        if query.get("include_conversation_id", "").lower() == "true":
+            body["conversation_id"] = cid
+        return _json(body)
+
+
+def livekit_token(conversation_id: str, participant_name: str | None) -> str:
+    """A LiveKit-style access token (HS256 JWT) whose room names the conversation, as ElevenLabs' does."""
+    now = int(time.time())
+    identity = participant_name or f"user_{secrets.token_hex(6)}"
+    claims = {
+        "sub": identity,
+        "name": participant_name or identity,
+        "iss": "APIfakeLiveKitKey",
+        "nbf": now,
+        "exp": now + TOKEN_TTL_SECONDS,
+        "video": {
+            "room": f"room_{conversation_id}_{secrets.token_hex(4)}",
+            "roomJoin": True,
+            "canPublish": True,
+            "canSubscribe": True,
+            "canPublishData": True,
+        },
+    }
+    header = _b64url(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
+    payload = _b64url(orjson.dumps(claims))
+    signature = hmac.new(JWT_KEY, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _read_cursor(text: str | None) -> tuple[int, str] | None:
+    if not text:
+        return None
+    try:
+        start, _, cid = base64.urlsafe_b64decode(text.encode()).decode().partition(":")
+        return (-int(start), cid)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("bad cursor") from exc
+
+
+def _write_cursor(key: tuple[int, str]) -> str:
+    return base64.urlsafe_b64encode(f"{-key[0]}:{key[1]}".encode()).decode()
+
+
+def _page_size(request: Request) -> int | Response:
+    text = request.query_params.get("page_size")
+    if text is None:
+        return DEFAULT_PAGE_SIZE
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_SIZE:
+        return JSONResponse(
+            {"detail": [{"loc": ["query", "page_size"], "msg": f"must be 1..{MAX_PAGE_SIZE}", "type": "value_error"}]},
+            status_code=422,
+        )
+    return int(text)
+
+
+def _agent_summary(agent_id: str) -> dict[str, Any]:
+    return {
+        "agent_id": agent_id,
+        "name": f"Agent {agent_id}",
+        "tags": [],
+        "created_at_unix_secs": 1_700_000_000,
+        "access_info": {"is_creator": True, "creator_name": "Fake", "creator_email": "f@example.com", "role": "admin"},
+    }
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"detail": {"status": code, "message": message}}, status_code=status)
