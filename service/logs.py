@@ -29,7 +29,8 @@ CONTEXT_FIELDS = (
 )
 MASK = "[redacted]"
 _CREDENTIALS = re.compile(
-    r"(?i)(bearer\s+|xi-api-key[\"':=\s]+|authorization[\"':=\s]+|v0=|api_key=|token=)[^\s,;&\"']+"
+    r"(?i)((?:authorization[\"':=\s]+)?bearer\s+|authorization[\"':=\s]+|xi-api-key[\"':=\s]+|v0=|api_key=|token=)"
+    r"[^\s,;&\"']+"
 )
 
 

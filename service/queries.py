@@ -143,8 +143,8 @@ def _text(name: str, raw: str) -> str:
         raise QueryError(name, "must not be empty")
     if len(raw) > MAX_VALUE_LENGTH:
         raise QueryError(name, f"longer than {MAX_VALUE_LENGTH} characters")
-    if not raw.isprintable():
-        raise QueryError(name, "contains control characters")
+    if "\x00" in raw:  # the one character PostgreSQL text cannot hold
+        raise QueryError(name, "contains a NUL character")
     return raw
 
 
@@ -166,7 +166,7 @@ def parse_time(name: str, raw: str) -> int:
         seconds = float(text)
     else:
         try:
-            moment = datetime.fromisoformat(text)
+            moment = datetime.fromisoformat(text.upper())  # RFC 3339 allows a lower-case 't' and 'z'
         except ValueError:
             raise QueryError(name, "must be unix seconds or an ISO-8601 date-time") from None
         if moment.tzinfo is None:
@@ -176,9 +176,9 @@ def parse_time(name: str, raw: str) -> int:
         except (OverflowError, OSError, ValueError):
             raise QueryError(name, "is out of range") from None
     whole = math.ceil(seconds)
-    if not 0 <= whole <= MAX_UNIX_SECONDS:
-        raise QueryError(name, "must be between 1970 and 9999")
-    return whole
+    if whole > MAX_UNIX_SECONDS:
+        raise QueryError(name, "must be before the year 10000")
+    return whole  # an ISO time before 1970 is negative: no start time is that early, and it fits a BIGINT
 
 
 def parse_bool(name: str, raw: str) -> bool:

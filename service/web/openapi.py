@@ -109,12 +109,18 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-TIME_PARAMETER = {"type": "string", "minLength": 1}
+TEXT_PARAMETER = {"type": "string", "minLength": 1, "maxLength": queries.MAX_VALUE_LENGTH, "pattern": "^[^\\u0000]*$"}
+TIME_PARAMETER = {
+    "anyOf": [
+        {"type": "string", "pattern": "^[0-9]{1,11}(\\.[0-9]{1,9})?$", "description": "unix seconds"},
+        {"type": "string", "format": "date-time"},
+    ]
+}
 LIST_PARAMETERS = [
-    _query("agent_id", {"type": "string", "minLength": 1}, "only this agent's conversations"),
-    _query("status", {"type": "string", "minLength": 1}, "initiated, in-progress, processing, done or failed"),
-    _query("user_id", {"type": "string", "minLength": 1}, "the user_id given when the conversation started"),
-    _query("call_successful", {"type": "string", "minLength": 1}, "success, failure or unknown"),
+    _query("agent_id", TEXT_PARAMETER, "only this agent's conversations"),
+    _query("status", TEXT_PARAMETER, "initiated, in-progress, processing, done or failed"),
+    _query("user_id", TEXT_PARAMETER, "the user_id given when the conversation started"),
+    _query("call_successful", TEXT_PARAMETER, "success, failure or unknown"),
     _query("started_after", TIME_PARAMETER, "start time at or after this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("started_before", TIME_PARAMETER, "start time before this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("source", {"type": "string", "enum": list(queries.SOURCES)}, "how postcall first learnt of it"),

@@ -1,0 +1,111 @@
+"""The list filters' parser: pure, every bad value a QueryError naming its parameter."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.queries import (
+    DEFAULT_LIMIT,
+    ConversationFilter,
+    Cursor,
+    JsonMatch,
+    QueryError,
+    decode_cursor,
+    encode_cursor,
+    parse_filter,
+    parse_time,
+)
+
+
+def test_no_parameters_is_the_first_page_of_everything() -> None:
+    assert parse_filter([]) == ConversationFilter(limit=DEFAULT_LIMIT)
+
+
+def test_every_parameter_lands_in_its_field() -> None:
+    cursor = encode_cursor(Cursor(1_760_000_000, "conv_9"))
+    wanted = parse_filter(
+        [
+            ("agent_id", "agent_1"),
+            ("status", "done"),
+            ("user_id", "u-1"),
+            ("call_successful", "success"),
+            ("started_after", "1760000000"),
+            ("started_before", "2025-10-10T00:00:00Z"),
+            ("source", "session"),
+            ("has_audio", "false"),
+            ("var.order_id", "o-1"),
+            ("label.room", "r-9"),
+            ("limit", "500"),
+            ("cursor", cursor),
+        ]
+    )
+    assert wanted == ConversationFilter(
+        agent_id="agent_1",
+        status="done",
+        user_id="u-1",
+        call_successful="success",
+        started_after=1_760_000_000,
+        started_before=1_760_054_400,
+        first_seen_via="session",
+        has_audio=False,
+        variables=(JsonMatch("order_id", "o-1"),),
+        labels=(JsonMatch("room", "r-9"),),
+        limit=500,
+        after=Cursor(1_760_000_000, "conv_9"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("0", 0),
+        ("1760000000", 1_760_000_000),
+        ("1760000000.2", 1_760_000_001),  # rounded up: exact for whole-second start times
+        ("2025-10-09T08:53:20Z", 1_760_000_000),
+        ("2025-10-09T10:53:20+02:00", 1_760_000_000),
+        ("2025-10-09T08:53:20", 1_760_000_000),  # no zone: UTC
+        ("2025-10-09", 1_759_968_000),
+        ("1969-12-31T23:59:59Z", -1),
+    ],
+)
+def test_times_are_unix_seconds_or_iso_8601(raw: str, seconds: int) -> None:
+    assert parse_time("started_after", raw) == seconds
+
+
+@pytest.mark.parametrize("raw", ["", "soon", "-1", "1e9", "10000-01-01", "99999999999999"])
+def test_bad_times_name_the_parameter(raw: str) -> None:
+    with pytest.raises(QueryError) as caught:
+        parse_time("started_before", raw)
+    assert caught.value.parameter == "started_before"
+
+
+def test_json_matches_read_numbers_and_booleans_too() -> None:
+    assert JsonMatch("n", "7").number == 7
+    assert JsonMatch("n", "7.5").number == 7.5
+    assert JsonMatch("n", "007").number is None  # not how JSON writes a number: only the string matches
+    assert JsonMatch("b", "true").boolean is True
+    assert JsonMatch("b", "True").boolean is None
+
+
+@given(st.one_of(st.none(), st.integers(0, 2**40)), st.text(min_size=1, max_size=256).filter(str.isprintable))
+def test_cursors_round_trip(start: int | None, conversation_id: str) -> None:
+    cursor = Cursor(start, conversation_id)
+    assert decode_cursor(encode_cursor(cursor)) == cursor
+
+
+@given(st.text(max_size=80))
+def test_anything_else_as_a_cursor_is_a_query_error_never_a_crash(raw: str) -> None:
+    try:
+        decode_cursor(raw)
+    except QueryError as exc:
+        assert exc.parameter == "cursor"
+
+
+@given(st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20)), max_size=6))
+def test_any_query_string_parses_or_names_a_parameter(params: list[tuple[str, str]]) -> None:
+    try:
+        parse_filter(params)
+    except QueryError as exc:
+        assert exc.parameter in {name for name, _ in params}
