@@ -39,7 +39,10 @@ def settings_or_exit(*required: tuple[str, str]) -> Settings:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    """JSON lines on standard error when it is not a terminal (see service/logs.py)."""
+    from service.logs import configure
+
+    configure(level, sys.stderr)
 
 
 def _migrate(settings: Settings) -> None:
@@ -73,6 +76,8 @@ def serve(
     """Migrate the database (unless --no-migrate) and serve the webhook receiver and the API."""
     import uvicorn
 
+    from service.logs import dict_config
+
     setup_logging()
     settings = settings_or_exit(("webhook_secrets", "serve"))
     if not no_migrate:
@@ -84,6 +89,7 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
+        log_config=dict_config(),  # structured logs in every worker process, uvicorn's lines included
         timeout_keep_alive=5,
         # A slow or stalled sender must not hold a worker: httptools' parser times out idle connections.
         h11_max_incomplete_event_size=64 * 1024,

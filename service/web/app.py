@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
 
 from service.blobs import BlobStore
 from service.config import Settings
 from service.db import create_engine
-from service.web import webhooks
+from service.web import health, metrics, openapi, read_api, webhooks
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
 
@@ -40,9 +41,27 @@ def create_app(
             if own_engine:
                 db.dispose()
 
-    routes: list[BaseRoute] = [*webhooks.routes()]
-    return Starlette(
+    routes: list[BaseRoute] = [
+        *webhooks.routes(),
+        *read_api.routes(),
+        *health.routes(),
+        *metrics.routes(),
+        *openapi.routes(),
+    ]
+    # Per app, never prometheus' global registry: tests build many apps in one process.
+    app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
+    webhook_paths = frozenset(route.path for route in webhooks.routes() if isinstance(route, Route))
+    app = Starlette(
         routes=routes,
+        middleware=[Middleware(metrics.MetricsMiddleware, metrics=app_metrics, webhook_paths=webhook_paths)],
         exception_handlers={**EXCEPTION_HANDLERS, Exception: unexpected},
         lifespan=lifespan,
     )
+    app.state.metrics = app_metrics
+    return app
+
+
+def _running_engine(app: Starlette) -> Engine | None:
+    """The lifespan's engine, or None before the app has started (a scrape then reports the database down)."""
+    state: AppState | None = getattr(app.state, "postcall", None)
+    return state.engine if state is not None else None

@@ -10,8 +10,11 @@ from starlette.responses import JSONResponse, Response
 
 from service.db import StoreUnavailable
 from service.events import PayloadError
+from service.queries import QueryError
 from service.receiver import BodyTooLarge
 from service.signature import SignatureError
+from service.web.auth import ApiDisabled, Unauthorized
+from service.web.read_api import NotFound, RangeNotSatisfiable
 
 log = logging.getLogger("postcall.web")
 
@@ -41,9 +44,39 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
     return error(503, "storage unavailable, try again later")
 
 
+async def query_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, QueryError)
+    return error(422, f"{exc.parameter}: {exc.message}", parameter=exc.parameter)
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error(404, str(exc))
+
+
+async def range_not_satisfiable(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RangeNotSatisfiable)
+    answer = error(416, "range not satisfiable")
+    answer.headers["Content-Range"] = f"bytes */{exc.size}"
+    return answer
+
+
+async def unauthorized(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Unauthorized)
+    log.info("read API refused: %s bearer token", exc.reason)
+    answer = error(401, "missing or invalid bearer token")
+    answer.headers["WWW-Authenticate"] = 'Bearer realm="postcall"'
+    return answer
+
+
+async def api_disabled(request: Request, exc: Exception) -> Response:
+    return error(403, str(exc))
+
+
 async def http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return error(exc.status_code, str(exc.detail))
+    answer = error(exc.status_code, str(exc.detail))
+    answer.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+    return answer
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
@@ -57,4 +90,9 @@ EXCEPTION_HANDLERS = {
     BodyTooLarge: body_too_large,
     StoreUnavailable: store_unavailable,
     HTTPException: http_exception,
+    QueryError: query_error,
+    NotFound: not_found,
+    RangeNotSatisfiable: range_not_satisfiable,
+    Unauthorized: unauthorized,
+    ApiDisabled: api_disabled,
 }

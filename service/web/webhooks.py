@@ -17,6 +17,7 @@ from service.blobs import TempBlob
 from service.merge import Audio, Observation, Source
 from service.receiver import BodyTooLarge, ReceivedBody, audio_from_payload, read_body
 from service.signature import check_timestamp, parse_header
+from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
 
 log = logging.getLogger("postcall.webhooks")
@@ -37,6 +38,7 @@ async def receive(request: Request) -> JSONResponse:
         outcome, conversation_id = await _store(state, body, datetime.fromtimestamp(now, UTC))
     finally:
         body.discard()  # a no-op once the audio was renamed into place
+    metrics_of(request).webhook(webhook_type_label(body.payload), outcome.value)
     log.info("webhook %s", outcome.value, extra={"conversation_id": conversation_id})
     return JSONResponse({"status": outcome.value, "conversation_id": conversation_id})
 
