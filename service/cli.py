@@ -130,5 +130,43 @@ def send_test_webhook(
     typer.echo(f"sample conversation {answer.conversation_id} stored", err=True)
 
 
+@app.command()
+def purge(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of what to remove: 90d, 12w, 36h (by call start time).")
+    ],
+    audio_only: Annotated[bool, typer.Option("--audio-only", help="Delete only the audio; keep the records.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
+) -> None:
+    """Retention: delete conversations (or only their audio) that started before a cutoff, in batches."""
+    import time
+
+    from service import purge as retention
+    from service.blobs import BlobStore
+    from service.db import StoreUnavailable, create_engine
+    from service.windows import WindowError, parse_duration
+
+    try:
+        age = parse_duration(older_than)
+    except WindowError as exc:
+        fail(f"--older-than: {exc}")
+    if age <= 0:
+        fail("--older-than must be longer than 0 (it would purge everything)")
+    settings = settings_or_exit()
+    setup_logging()
+    cutoff = retention.Cutoff(int(time.time()) - age)
+    engine = create_engine(settings.database_url)
+    try:
+        if dry_run:
+            report = retention.count(engine, cutoff, audio_only)
+        else:
+            report = retention.purge(engine, BlobStore(settings.data_dir), cutoff, audio_only)
+    except StoreUnavailable as exc:
+        fail(f"database unavailable: {exc}", code=1)
+    finally:
+        engine.dispose()
+    typer.echo(retention.describe(report, cutoff, older_than, audio_only, dry_run))
+
+
 def main() -> None:
     app()

@@ -1,0 +1,192 @@
+"""Retention (`postcall purge`) on a seeded database, on SQLite and PostgreSQL, with real audio files on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Connection, Engine
+from typer.testing import CliRunner, Result
+
+from service import ingest
+from service.blobs import BlobStore
+from service.cli import app
+from service.config import Settings
+from service.db import transaction
+from service.merge import Observation, Source
+from service.purge import Cutoff, PurgeReport, count, purge
+from tests.support import records
+
+DAY = 86400
+NOW = int(time.time())
+CUTOFF = Cutoff(NOW - 90 * DAY)
+
+OLD = {"conv_old_a": 100, "conv_old_b": 95, "conv_old_c": 91}  # conversation -> days since its call started
+NEW = {"conv_new_a": 89, "conv_new_b": 10, "conv_new_c": 0}
+OLD_WITH_AUDIO = ("conv_old_a", "conv_old_c")
+NEW_WITH_AUDIO = ("conv_new_a", "conv_new_b")
+# No start time (a broker session whose call never reported back): aged by when postcall first saw it.
+UNSTARTED_OLD, UNSTARTED_NEW = "conv_session_old", "conv_session_new"
+
+
+def at_days_ago(days: int) -> datetime:
+    return datetime.fromtimestamp(NOW - days * DAY, UTC)
+
+
+def unstarted(conversation_id: str, days_ago: int) -> Observation:
+    return Observation(conversation_id, Source.SESSION, at_days_ago(days_ago), "initiated", {"agent_id": "agent_1"})
+
+
+def archive_delivery(conn: Connection, conversation_id: str | None, body: bytes) -> None:
+    delivery = ingest.Delivery(
+        body_sha256=hashlib.sha256(body).hexdigest(),
+        event_type="post_call_transcription" if conversation_id else "some_future_event",
+        conversation_id=conversation_id,
+        received_at=at_days_ago(1),
+        body_bytes=len(body),
+        body=body,
+    )
+    ingest.archive(conn, delivery)
+
+
+def seed(engine: Engine, data_dir: Path) -> None:
+    observations = [
+        records.detail(cid, start=NOW - days * DAY, at=at_days_ago(days)) for cid, days in {**OLD, **NEW}.items()
+    ]
+    observations += [records.audio(cid, data_dir, f"mp3 of {cid}".encode()) for cid in OLD_WITH_AUDIO + NEW_WITH_AUDIO]
+    observations += [unstarted(UNSTARTED_OLD, 120), unstarted(UNSTARTED_NEW, 1)]
+    records.store(engine, observations)
+
+    def archive_all(conn: Connection) -> None:
+        for cid in [*OLD, *NEW]:
+            archive_delivery(conn, cid, f'{{"conversation_id": "{cid}"}}'.encode())
+        archive_delivery(conn, None, b'{"type": "some_future_event"}')
+
+    transaction(engine, archive_all)
+    # A file no record points at (another tool's, or left by a crash) is not purge's business.
+    (data_dir / "audio" / "unrelated.mp3").write_bytes(b"keep me")
+
+
+def conversation_ids(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {row[0] for row in conn.exec_driver_sql("SELECT conversation_id FROM conversation")}
+
+
+def archived_for(engine: Engine) -> list[str | None]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT conversation_id FROM webhook_event").all()
+    return sorted((row[0] for row in rows), key=str)
+
+
+def audio_files(data_dir: Path) -> set[str]:
+    return {path.name for path in (data_dir / "audio").rglob("*") if path.is_file()}
+
+
+def record(engine: Engine, conversation_id: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        found = ingest.get_record(conn, conversation_id)
+    assert found is not None
+    return found
+
+
+@pytest.fixture
+def data_dir(engine: Engine, tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    seed(engine, path)
+    return path
+
+
+def test_purge_removes_exactly_the_old_records_their_audio_and_their_archived_events(
+    engine: Engine, data_dir: Path
+) -> None:
+    report = purge(engine, BlobStore(data_dir), CUTOFF, batch_size=2)  # several batches
+
+    assert conversation_ids(engine) == {*NEW, UNSTARTED_NEW}
+    assert audio_files(data_dir) == {f"{cid}.mp3" for cid in NEW_WITH_AUDIO} | {"unrelated.mp3"}
+    assert archived_for(engine) == sorted([*NEW, None], key=str)
+    assert report == PurgeReport(
+        conversations=len(OLD) + 1,
+        audio_files=2,
+        audio_bytes=sum(len(f"mp3 of {cid}") for cid in OLD_WITH_AUDIO),
+        webhook_events=len(OLD),
+    )
+
+
+def test_a_second_purge_finds_nothing_more(engine: Engine, data_dir: Path) -> None:
+    purge(engine, BlobStore(data_dir), CUTOFF)
+
+    assert purge(engine, BlobStore(data_dir), CUTOFF) == PurgeReport()
+
+
+def test_audio_only_removes_old_audio_and_keeps_every_record(engine: Engine, data_dir: Path) -> None:
+    before = archived_for(engine)
+
+    report = purge(engine, BlobStore(data_dir), CUTOFF, audio_only=True)
+
+    assert conversation_ids(engine) == {*OLD, *NEW, UNSTARTED_OLD, UNSTARTED_NEW}
+    assert audio_files(data_dir) == {f"{cid}.mp3" for cid in NEW_WITH_AUDIO} | {"unrelated.mp3"}
+    for cid in OLD_WITH_AUDIO:
+        old = record(engine, cid)
+        assert (old["has_audio"], old["audio_path"], old["audio_bytes"]) == (False, None, None)
+        assert old["transcript"] and old["audio_received_at"] is not None  # the rest of the record stays
+    for cid in NEW_WITH_AUDIO:
+        assert record(engine, cid)["has_audio"] is True
+    assert archived_for(engine) == before
+    assert (report.conversations, report.audio_files, report.webhook_events) == (2, 2, 0)
+
+
+def test_dry_run_counts_what_purge_then_removes_and_changes_nothing(engine: Engine, data_dir: Path) -> None:
+    ids, files, archived = conversation_ids(engine), audio_files(data_dir), archived_for(engine)
+
+    counted = count(engine, CUTOFF)
+    counted_audio = count(engine, CUTOFF, audio_only=True)
+
+    assert (conversation_ids(engine), audio_files(data_dir), archived_for(engine)) == (ids, files, archived)
+    assert asdict(counted_audio) == {**asdict(counted), "conversations": 2, "webhook_events": 0}
+    assert counted == purge(engine, BlobStore(data_dir), CUTOFF)
+
+
+def test_an_audio_file_already_gone_does_not_stop_the_purge(engine: Engine, data_dir: Path) -> None:
+    (data_dir / "audio" / "conv_old_a.mp3").unlink()
+
+    report = purge(engine, BlobStore(data_dir), CUTOFF)
+
+    assert conversation_ids(engine) == {*NEW, UNSTARTED_NEW}
+    assert (report.audio_files, report.missing_files) == (2, 1)
+
+
+def cli(settings: Settings, *args: str) -> Result:
+    env = {"POSTCALL_DATABASE_URL": settings.database_url, "POSTCALL_DATA_DIR": str(settings.data_dir)}
+    return CliRunner().invoke(app, ["purge", *args], env=env)
+
+
+def test_the_command_purges_and_says_what_it_removed(engine: Engine, settings: Settings) -> None:
+    seed(engine, settings.data_dir)
+
+    dry = cli(settings, "--older-than", "90d", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout.startswith("would purge 4 conversations that started before ")
+    assert conversation_ids(engine) >= set(OLD)
+
+    done = cli(settings, "--older-than", "90d")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("purged 4 conversations that started before ")
+    assert "(older than 90d), with 2 audio files" in done.stdout
+    assert "and 3 archived webhook events" in done.stdout
+    assert conversation_ids(engine) == {*NEW, UNSTARTED_NEW}
+
+
+@pytest.mark.parametrize("value", ["90", "90 days", "ninety", "-5d", "0d"])
+def test_a_malformed_or_empty_age_is_a_usage_error(value: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["purge", "--older-than", value], env={"POSTCALL_DATABASE_URL": f"sqlite:///{tmp_path}/never.db"}
+    )
+
+    assert result.exit_code == 2
+    assert "--older-than" in result.stderr
+    assert not (tmp_path / "never.db").exists()
