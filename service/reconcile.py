@@ -190,13 +190,33 @@ def finish_run(conn: Connection, run_id: int, report: Report, windows: list[Wind
     )
 
 
-def _stored_flags(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[bool, bool]]:
-    """conversation_id → (complete, has_audio) for the stored ones among `ids`."""
+# What "updated" means to a person: the status or the content changed, not just `reconciled_at` (which every
+# listing moves). The JSON columns change only with a richer source, which moves `data_rank` too.
+_FINGERPRINT = (
+    "status",
+    "data_rank",
+    "complete",
+    "has_audio",
+    "agent_id",
+    "user_id",
+    "branch_id",
+    "start_time_unix_secs",
+    "call_duration_secs",
+    "call_successful",
+    "transcript_summary",
+    "termination_reason",
+    "main_language",
+    "initiation_source",
+    "failure_reason",
+)
+
+
+def _fingerprints(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """conversation_id → the columns that say whether a record changed, for the stored ones among `ids`."""
     table = ingest.conversations
-    rows = conn.execute(
-        sa.select(table.c.conversation_id, table.c.complete, table.c.has_audio).where(table.c.conversation_id.in_(ids))
-    )
-    return {cid: (bool(complete), bool(has_audio)) for cid, complete, has_audio in rows}
+    columns = [table.c.conversation_id, *(table.c[name] for name in _FINGERPRINT)]
+    rows = conn.execute(sa.select(*columns).where(table.c.conversation_id.in_(ids))).mappings()
+    return {row["conversation_id"]: dict(row) for row in rows}
 
 
 def _stored_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -328,7 +348,7 @@ class Reconciler:
         tally = _Tally(changes)
         wanted: list[_Listed] = []
         for item in listed.values():
-            complete = flags.get(item.conversation_id, (False, False))[0]
+            complete = bool(flags.get(item.conversation_id, {}).get("complete"))
             if not is_final(item.status):
                 out.pending_starts.append(item.start)
             elif not complete:
@@ -351,7 +371,7 @@ class Reconciler:
                 item
                 for item in listed.values()
                 if item.status == "done"
-                and not flags.get(item.conversation_id, (False, False))[1]
+                and not flags.get(item.conversation_id, {}).get("has_audio")
                 and said.get(item.conversation_id, True)
             ]
             await self._fetch_audio(audio, report, out, tally)
@@ -450,10 +470,16 @@ class _Tally:
 
 def _apply_summaries(
     conn: Connection, observations: list[Observation], at: datetime
-) -> tuple[dict[str, tuple[bool, bool]], dict[str, ingest.Change]]:
-    """Flags as stored before this page, and what merging the summaries changed."""
-    flags = _stored_flags(conn, [obs.conversation_id for obs in observations])
-    return flags, ingest.apply_many(conn, observations, at)
+) -> tuple[dict[str, dict[str, Any]], dict[str, ingest.Change]]:
+    """The records as stored before this page (their fingerprints), and what merging the summaries changed."""
+    ids = [obs.conversation_id for obs in observations]
+    before = _fingerprints(conn, ids)
+    changes = ingest.apply_many(conn, observations, at)
+    after = _fingerprints(conn, [cid for cid, change in changes.items() if change is ingest.Change.UPDATED])
+    for cid, fingerprint in after.items():
+        if before.get(cid) == fingerprint:
+            changes[cid] = ingest.Change.UNCHANGED  # only `reconciled_at` moved
+    return before, changes
 
 
 def _store_audio(conn: Connection, conversation_id: str, blob: TempBlob, at: datetime) -> ingest.Change:

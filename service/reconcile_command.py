@@ -28,7 +28,7 @@ EXIT_FAILED = 1
 EXIT_LEASE_HELD = 3
 
 
-def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO | None = None) -> int:
     """Run once and print the summary (or one JSON object); returns the exit status."""
     assert settings.elevenlabs_api_key is not None  # the CLI requires it
     api_key = settings.elevenlabs_api_key.get_secret_value()
@@ -54,6 +54,7 @@ def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO 
         return EXIT_FAILED
     finally:
         engine.dispose()
+    out = sys.stdout if out is None else out
     if as_json:
         out.write(orjson.dumps(report.as_dict()).decode() + "\n")
     else:

@@ -100,6 +100,8 @@ class FakePlatform:
         self._order: dict[str | None, list[tuple[int, str]]] = {None: []}
         self._throttles: list[_Throttle] = []
         self._agents = list(self.agents)
+        self.in_flight = 0
+        self.peak_in_flight = 0  # the most requests it was answering at once
         for conversation in self.conversations:
             self.add(conversation)
         self.conversations = ()  # the index holds them; do not keep a second reference to the input
@@ -259,11 +261,18 @@ class FakePlatform:
     def _endpoint(self, kind: str, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             arrived = time.monotonic()
-            response = self._refusal(kind, request)
-            if response is None:
-                if self.latency:
-                    await anyio.sleep(self.latency)
-                response = handler(request)
+            with self._lock:
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                response = self._refusal(kind, request)
+                if response is None:
+                    if self.latency:
+                        await anyio.sleep(self.latency)
+                    response = handler(request)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
             if self.log_calls:
                 call = Call(
                     at=arrived,

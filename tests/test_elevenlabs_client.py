@@ -1,0 +1,144 @@
+"""The ElevenLabs client against the fake platform over HTTP: paging, auth, retries, Retry-After, audio."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+
+import anyio
+import pytest
+
+from service.blobs import BlobStore
+from service.elevenlabs import ApiError, ElevenLabsClient, NotFound, RetryPolicy, Unreachable, retry_after_seconds
+from service.testing import FakePlatform, seed_conversations
+from tests.support.live import free_port
+
+KEY = "client-key"
+NOW = int(time.time())
+
+
+@pytest.fixture
+def platform() -> FakePlatform:
+    return FakePlatform(api_key=KEY, conversations=seed_conversations(230, ("agent_a",), now=NOW, seed=3))
+
+
+@pytest.fixture
+def base_url(platform: FakePlatform) -> Iterator[str]:
+    with platform.serve() as url:
+        yield url
+
+
+def client(base_url: str, key: str = KEY, concurrency: int = 8) -> ElevenLabsClient:
+    return ElevenLabsClient.open(base_url, key, policy=RetryPolicy.testing(), concurrency=concurrency)
+
+
+def test_pages_follow_the_cursor_100_at_a_time(platform: FakePlatform, base_url: str) -> None:
+    async def collect() -> list[str]:
+        async with client(base_url) as api:
+            return [s["conversation_id"] async for page in api.conversation_pages("agent_a", 0, NOW) for s in page]
+
+    ids = anyio.run(collect)
+    assert sorted(ids) == sorted(c.conversation_id for c in platform.all())
+    calls = platform.calls_to("list")
+    assert len(calls) == 3
+    assert {call.query["page_size"] for call in calls} == {"100"}
+    assert "cursor" not in calls[0].query and calls[1].query["cursor"]
+    assert all(call.request_headers["xi-api-key"] == KEY for call in calls)
+
+
+def test_a_wrong_key_fails_at_once_without_retries(platform: FakePlatform, base_url: str) -> None:
+    async def detail() -> None:
+        async with client(base_url, key="wrong") as api:
+            await api.conversation(platform.all()[0].conversation_id)
+
+    with pytest.raises(ApiError) as caught:
+        anyio.run(detail)
+    assert caught.value.status == 401
+    assert "Invalid API key" in caught.value.reason
+    assert len(platform.calls) == 1
+
+
+def test_429_is_retried_after_the_retry_after_it_names(platform: FakePlatform, base_url: str) -> None:
+    platform.throttle(2, retry_after="1", kinds={"detail"})
+    cid = platform.all()[0].conversation_id
+
+    async def detail() -> dict[str, object]:
+        async with client(base_url) as api:
+            return await api.conversation(cid)
+
+    assert anyio.run(detail)["conversation_id"] == cid
+    calls = platform.calls_to("detail")
+    assert [call.status for call in calls] == [429, 429, 200]
+    for refused, retry in itertools.pairwise(calls):
+        assert refused.response_headers["retry-after"] == "1"
+        assert retry.at - refused.at >= 1.0  # the fake's own clock: the retry waited as told
+
+
+def test_a_5xx_is_retried_a_bounded_number_of_times(platform: FakePlatform, base_url: str) -> None:
+    cid = platform.all()[0].conversation_id
+    platform.failing_ids.add(cid)
+
+    async def detail() -> None:
+        async with client(base_url) as api:
+            await api.conversation(cid)
+
+    with pytest.raises(ApiError) as caught:
+        anyio.run(detail)
+    assert caught.value.status == 500
+    assert len(platform.calls_to("detail")) == RetryPolicy.testing().attempts
+
+
+def test_a_refused_connection_is_retried_then_reported() -> None:
+    async def detail() -> None:
+        async with client(f"http://127.0.0.1:{free_port()}") as api:
+            await api.conversation("conv_x")
+
+    with pytest.raises(Unreachable, match="ConnectError"):
+        anyio.run(detail)
+
+
+def test_concurrency_is_bounded(platform: FakePlatform, base_url: str) -> None:
+    platform.latency = 0.05
+    ids = [c.conversation_id for c in platform.all()[:12]]
+
+    async def details() -> None:
+        async with client(base_url, concurrency=3) as api, anyio.create_task_group() as group:
+            for cid in ids:
+                group.start_soon(api.conversation, cid)
+
+    anyio.run(details)
+    assert len(platform.calls_to("detail")) == 12
+    assert platform.peak_in_flight <= 3
+
+
+def test_audio_streams_into_a_temp_blob(platform: FakePlatform, base_url: str, tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    with_audio = next(c for c in platform.all() if c.status == "done" and c.has_audio)
+    without = platform.all()[1]
+    platform.set_status(without.conversation_id, "processing")  # no recording yet
+
+    async def download(cid: str) -> bytes:
+        async with client(base_url) as api:
+            blob = await api.download_audio(cid, blobs)
+            data = blob.path.read_bytes()
+            blob.discard()
+            return data
+
+    assert anyio.run(download, with_audio.conversation_id) == with_audio.audio(platform.audio_bytes)
+    with pytest.raises(NotFound):
+        anyio.run(download, without.conversation_id)
+    assert list(blobs.temp_dir.iterdir()) == []
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = 1_780_000_000.0
+    assert retry_after_seconds("7", now) == 7
+    assert retry_after_seconds("0.5", now) == 0.5
+    date = format_datetime(datetime.fromtimestamp(now + 30, UTC), usegmt=True)
+    assert retry_after_seconds(date, now) == pytest.approx(30)
+    assert retry_after_seconds("soon", now) is None
+    assert retry_after_seconds(None, now) is None
