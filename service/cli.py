@@ -168,5 +168,86 @@ def purge(
     typer.echo(retention.describe(report, cutoff, older_than, audio_only, dry_run))
 
 
+@app.command()
+def reconcile(
+    agent: Annotated[
+        list[str] | None, typer.Option("--agent", help="Agent id (repeatable); default POSTCALL_AGENT_IDS, else all.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Window start: 7d, ISO-8601 or unix seconds (overrides the checkpoint).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Window end (exclusive): same forms; default now.")] = None,
+    audio: Annotated[bool, typer.Option("--audio", help="Also fetch the audio of conversations that have it.")] = False,
+    no_details: Annotated[bool, typer.Option("--no-details", help="Store list summaries only.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List and count; write nothing.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+) -> None:
+    """Backfill every conversation the webhooks missed: exit 0 all stored, 1 something failed, 3 lease held."""
+    import time
+
+    from service.reconcile import Options
+    from service.reconcile_command import execute
+    from service.windows import WindowError, parse_instant
+
+    now = int(time.time())
+    start = end = None
+    for name, text in (("since", since), ("until", until)):
+        try:
+            value = parse_instant(text, now) if text is not None else None
+        except WindowError as exc:
+            fail(f"--{name}: {exc}")
+        start, end = (value, end) if name == "since" else (start, value)
+    if start is not None and end is not None and start >= end:
+        fail("--since must be before --until")
+    settings = settings_or_exit(("elevenlabs_api_key", "reconcile"))
+    setup_logging()
+    options = Options(
+        agents=tuple(agent or ()), since=start, until=end, audio=audio, details=not no_details, dry_run=dry_run
+    )
+    raise typer.Exit(execute(settings, options, as_json=json_output))
+
+
+@app.command()
+def simulate(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port of the fake API.")] = 8700,
+    conversations: Annotated[int, typer.Option(min=0, help="Conversations in the data set.")] = 200,
+    agents: Annotated[int, typer.Option(min=1, help="Agents they belong to.")] = 2,
+    days: Annotated[int, typer.Option(min=1, help="Start times spread over this many days back.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the data set and of the webhook faults.")] = 1,
+    api_key: Annotated[str, typer.Option(help="The xi-api-key the fake accepts.")] = "sim-api-key",
+    latency: Annotated[float, typer.Option(min=0, help="Seconds added to every answer.")] = 0.0,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="Post the conversations' signed webhooks here (a postcall receiver).")
+    ] = None,
+    drop: Annotated[float, typer.Option(min=0, max=1, help="Share of webhooks never sent.")] = 0.3,
+    duplicate: Annotated[float, typer.Option(min=0, max=1, help="Share sent twice.")] = 0.1,
+    reorder: Annotated[float, typer.Option(min=0, max=1, help="Share swapped with a neighbour.")] = 0.2,
+    audio_webhooks: Annotated[bool, typer.Option("--audio-webhooks", help="Send audio webhooks too.")] = False,
+) -> None:
+    """Run a fake ElevenLabs API with a seeded data set, to try postcall end to end without an account."""
+    from service.testing.simulate import Faults, Simulation, run
+
+    secret = None
+    if webhook_url is not None:
+        settings = settings_or_exit(("webhook_secrets", "simulate --webhook-url"))
+        secret = settings.webhook_secrets[0].get_secret_value()
+    simulation = Simulation(
+        host=host,
+        port=port,
+        conversations=conversations,
+        agents=agents,
+        days=days,
+        seed=seed,
+        api_key=api_key,
+        latency=latency,
+        webhook_url=webhook_url,
+        webhook_secret=secret,
+        faults=Faults(drop=drop, duplicate=duplicate, reorder=reorder, seed=seed),
+        audio_webhooks=audio_webhooks,
+    )
+    run(simulation, lambda line: typer.echo(line, err=True))
+
+
 def main() -> None:
     app()
