@@ -12,10 +12,12 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
+from service import sessions
 from service.blobs import BlobStore
 from service.config import Settings
 from service.db import create_engine
 from service.web import health, metrics, openapi, read_api, webhooks
+from service.web import sessions as web_sessions
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
 
@@ -34,15 +36,18 @@ def create_app(
         db = create_engine(settings.database_url) if engine is None else engine
         blobs = BlobStore(settings.data_dir)
         await anyio.to_thread.run_sync(blobs.clean_temp)
-        app.state.postcall = AppState(settings=settings, engine=db, blobs=blobs, clock=clock)
+        elevenlabs = sessions.elevenlabs_client(settings.elevenlabs_base_url)
+        app.state.postcall = AppState(settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs)
         try:
             yield
         finally:
+            await elevenlabs.aclose()
             if own_engine:
                 db.dispose()
 
     routes: list[BaseRoute] = [
         *webhooks.routes(),
+        *web_sessions.routes(),
         *read_api.routes(),
         *health.routes(),
         *metrics.routes(),

@@ -12,6 +12,7 @@ from service.db import StoreUnavailable
 from service.events import PayloadError
 from service.queries import QueryError
 from service.receiver import BodyTooLarge
+from service.sessions import BrokerNotConfigured, InvalidSessionRequest, UpstreamError, UpstreamKind
 from service.signature import SignatureError
 from service.web.auth import ApiDisabled, Unauthorized
 from service.web.read_api import NotFound, RangeNotSatisfiable
@@ -42,6 +43,34 @@ async def body_too_large(request: Request, exc: Exception) -> Response:
 async def store_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("storage unavailable: %s", exc)
     return error(503, "storage unavailable, try again later")
+
+
+async def invalid_session_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidSessionRequest)
+    return error(422, f"{exc.field} {exc.message}", field=exc.field)
+
+
+async def broker_not_configured(request: Request, exc: Exception) -> Response:
+    log.warning("session refused: %s", exc)
+    return error(503, str(exc))
+
+
+UPSTREAM_ANSWERS = {
+    UpstreamKind.REJECTED: (502, "ElevenLabs refused the request"),
+    UpstreamKind.NOT_FOUND: (404, "ElevenLabs does not know this agent or branch"),
+    UpstreamKind.UNAVAILABLE: (503, "ElevenLabs is unavailable, try again later"),
+    UpstreamKind.BAD_ANSWER: (502, "ElevenLabs gave an answer postcall cannot read"),
+}
+
+
+async def upstream_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, UpstreamError)
+    status, message = UPSTREAM_ANSWERS[exc.kind]
+    log.warning("ElevenLabs %s (%s): %s", exc.kind.value, exc.upstream_status, exc.reason)
+    answer = error(status, f"{message}: {exc.reason}", upstream_status=exc.upstream_status, upstream_reason=exc.reason)
+    if exc.retry_after is not None and status == 503:
+        answer.headers["Retry-After"] = exc.retry_after
+    return answer
 
 
 async def query_error(request: Request, exc: Exception) -> Response:
@@ -95,4 +124,7 @@ EXCEPTION_HANDLERS = {
     RangeNotSatisfiable: range_not_satisfiable,
     Unauthorized: unauthorized,
     ApiDisabled: api_disabled,
+    InvalidSessionRequest: invalid_session_request,
+    BrokerNotConfigured: broker_not_configured,
+    UpstreamError: upstream_error,
 }

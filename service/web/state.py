@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio.to_thread
+import httpx
 from sqlalchemy.engine import Connection, Engine
 from starlette.requests import Request
 
@@ -24,6 +25,7 @@ class AppState:
     engine: Engine
     blobs: BlobStore
     clock: Callable[[], float] = field(default=time.time)
+    elevenlabs: httpx.AsyncClient = field(kw_only=True)  # the session broker's client, closed by the lifespan
 
     @property
     def webhook_secrets(self) -> list[bytes]:
