@@ -30,6 +30,7 @@ Python API, for tests and for the session broker's tests:
         platform.complete(cid)                      # it becomes `done` with a transcript, is listed as such,
                                                     # and `platform.transcription_event(cid)` is its webhook
         platform.calls_to("detail")                 # the logged calls of one kind
+        platform.pause(); platform.resume()         # hold every request unanswered, then let them go
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
 """
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -101,6 +103,8 @@ class FakePlatform:
         self._throttles: list[_Throttle] = []
         self._agents = list(self.agents)
         self.in_flight = 0
+        self._running = threading.Event()  # cleared by `pause()`
+        self._running.set()
         self.peak_in_flight = 0  # the most requests it was answering at once
         for conversation in self.conversations:
             self.add(conversation)
@@ -209,6 +213,13 @@ class FakePlatform:
         with self._lock:
             self._throttles.append(_Throttle(times, retry_after, frozenset(kinds) if kinds else None))
 
+    def pause(self) -> None:
+        """Hold every request (they wait, unanswered) until `resume()`: a run that stays in flight on demand."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
     def calls_to(self, kind: str) -> list[Call]:
         with self._lock:
             return [call for call in self.calls if call.kind == kind]
@@ -265,6 +276,8 @@ class FakePlatform:
                 self.in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
+                if not self._running.is_set():  # held until `resume()`
+                    await anyio.to_thread.run_sync(self._running.wait)
                 response = self._refusal(kind, request)
                 if response is None:
                     if self.latency:
