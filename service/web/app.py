@@ -20,6 +20,7 @@ from service.web import health, metrics, openapi, read_api, webhooks
 from service.web import sessions as web_sessions
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
+from service.writer import BatchWriter
 
 
 def create_app(
@@ -37,10 +38,15 @@ def create_app(
         blobs = BlobStore(settings.data_dir)
         await anyio.to_thread.run_sync(blobs.clean_temp)
         elevenlabs = sessions.elevenlabs_client(settings.elevenlabs_base_url)
-        app.state.postcall = AppState(settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs)
+        writer = BatchWriter(db)
+        writer.start()
+        app.state.postcall = AppState(
+            settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs, writer=writer
+        )
         try:
             yield
         finally:
+            await anyio.to_thread.run_sync(writer.stop)
             await elevenlabs.aclose()
             if own_engine:
                 db.dispose()

@@ -61,7 +61,7 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[ing
         outcome = await state.write(lambda conn: _record_audio(conn, delivery, envelope, blob))
     else:
         observation = _observation(envelope, at)
-        outcome = await state.write(lambda conn: ingest.record_delivery(conn, delivery, observation))
+        outcome = await state.writer.record(delivery, observation)
     return outcome, envelope.conversation_id
 
 
