@@ -7,11 +7,13 @@ so that every upstream failure (401/403/404/429/5xx, garbage, an unreachable hos
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
@@ -23,10 +25,12 @@ from starlette.testclient import TestClient
 from service import sessions
 from service.config import Settings
 from service.ingest import get_record
+from service.testing import FakePlatform, WebhookSender
 from service.web.app import create_app
 from tests.support import webhooks as wh
 from tests.support.databases import migrated_sqlite
 from tests.support.live import free_port, live_server
+from tests.support.reconcile import reconcile
 from tests.test_session_token import livekit_claims, make_token
 
 API_KEY = "xi-secret-key-0123456789"
@@ -70,6 +74,17 @@ def upstream(upstream_server: tuple[Upstream, str]) -> Iterator[Upstream]:
     stand_in.seen.clear()
 
 
+def sqlite_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """For answers that store nothing (errors, validation): one SQLite database is enough."""
+    values: dict[str, Any] = {"api_tokens": "test-token", **overrides}
+    return Settings(
+        database_url=migrated_sqlite(str(tmp_path / "postcall.db")),
+        data_dir=tmp_path / "data",
+        _env_file=None,  # type: ignore[call-arg]
+        **values,
+    )
+
+
 def broker_settings(settings: Settings, base_url: str, **overrides: Any) -> Settings:
     return settings.model_copy(
         update={"elevenlabs_base_url": base_url, "elevenlabs_api_key": sessions.SecretStr(API_KEY), **overrides}
@@ -86,12 +101,7 @@ def client(settings: Settings, engine: Engine, upstream_server: tuple[Upstream, 
 @pytest.fixture
 def light_client(tmp_path: Path, upstream_server: tuple[Upstream, str]) -> Iterator[TestClient]:
     """For answers that store nothing (errors, validation): one SQLite database is enough."""
-    settings = Settings(
-        database_url=migrated_sqlite(str(tmp_path / "postcall.db")),
-        data_dir=tmp_path / "data",
-        api_tokens="test-token",
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = sqlite_settings(tmp_path)
     with TestClient(create_app(broker_settings(settings, upstream_server[1]))) as client:
         yield client
 
@@ -200,6 +210,78 @@ def test_session_then_webhook_is_one_record_with_labels_kept(client: TestClient,
         assert conn.exec_driver_sql("SELECT count(*) FROM conversation").scalar_one() == 1
 
 
+# --- end to end, against the fake ElevenLabs platform --------------------------------------------------------
+
+
+def test_a_webrtc_session_is_the_conversation_the_platform_lists_and_reports(
+    settings: Settings, engine: Engine
+) -> None:
+    platform = FakePlatform(api_key=API_KEY, agents=("agent_e2e",))
+    body = {"agent_id": "agent_e2e", "transport": "webrtc", "user_id": "user-e2e", "labels": {"ticket": "T-9"}}
+    with (
+        platform.serve() as fake_url,
+        live_server(create_app(broker_settings(settings, fake_url))) as postcall,
+        httpx.Client(base_url=postcall, headers=AUTH, timeout=30) as http,
+    ):
+        answer = http.post("/v1/sessions", json=body)
+        assert answer.status_code == 200, answer.text
+        conversation_id = answer.json()["conversation_id"]
+        assert [c.conversation_id for c in platform.all()] == [conversation_id]  # the id the platform minted
+
+        # Queryable the moment the session exists, before the call has even started.
+        found = http.get("/v1/conversations", params={"label.ticket": "T-9"}).json()["conversations"]
+        assert [(c["conversation_id"], c["status"], c["first_seen_via"]) for c in found] == [
+            (conversation_id, "initiated", "session")
+        ]
+
+        platform.complete(conversation_id)  # the call happens and ends
+        listed = httpx.get(
+            f"{fake_url}/v1/convai/conversations", params={"agent_id": "agent_e2e"}, headers={"xi-api-key": API_KEY}
+        ).json()["conversations"]
+        assert [(c["conversation_id"], c["status"]) for c in listed] == [(conversation_id, "done")]
+
+        sent = WebhookSender(f"{postcall}/webhooks/elevenlabs", wh.SECRET).send(
+            platform.transcription_event(conversation_id)
+        )
+        assert (sent.status, sent.conversation_id) == (200, conversation_id)
+        run = reconcile(settings, fake_url, API_KEY, "--agent", "agent_e2e", "--until", str(int(time.time()) + 3600))
+        assert run.exit_code == 0, run.stderr
+
+        record = http.get(f"/v1/conversations/{conversation_id}").json()
+        by_label = http.get("/v1/conversations", params={"label.ticket": "T-9", "status": "done"}).json()
+
+    assert record["status"] == "done"
+    assert record["labels"] == {"ticket": "T-9"}
+    assert record["user_id"] == "user-e2e"
+    assert record["first_seen_via"] == "session"
+    assert record["webhook_received_at"] is not None
+    assert record["reconciled_at"] is not None
+    assert record["complete"] is True
+    assert record["transcript"] == platform.get(conversation_id).transcript()
+    assert [c["conversation_id"] for c in by_label["conversations"]] == [conversation_id]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM conversation").scalar_one() == 1
+
+
+def test_a_websocket_session_is_the_conversation_the_platform_minted(settings: Settings, engine: Engine) -> None:
+    platform = FakePlatform(api_key=API_KEY, agents=("agent_e2e",))
+    with platform.serve() as fake_url, TestClient(create_app(broker_settings(settings, fake_url))) as client:
+        answer = create(client, agent_id="agent_e2e", transport="websocket")
+    assert answer.status_code == 200, answer.text
+    assert [c.conversation_id for c in platform.all()] == [answer.json()["conversation_id"]]
+    assert platform.calls_to("signed_url")[0].query["include_conversation_id"] == "true"
+    assert stored(engine, answer.json()["conversation_id"]) is not None
+
+
+def test_an_agent_the_platform_does_not_know_is_a_404(tmp_path: Path) -> None:
+    platform = FakePlatform(api_key=API_KEY, agents=("agent_e2e",))
+    settings = sqlite_settings(tmp_path)
+    with platform.serve() as fake_url, TestClient(create_app(broker_settings(settings, fake_url))) as client:
+        answer = create(client, agent_id="agent_nobody")
+    assert answer.status_code == 404
+    assert answer.json()["upstream_reason"] == "Agent agent_nobody not found"
+
+
 # --- ElevenLabs failures ---------------------------------------------------------------------------------------
 
 
@@ -257,12 +339,7 @@ def test_unreadable_success_is_a_bad_gateway(
 
 
 def test_unreachable_elevenlabs_is_unavailable(tmp_path: Path) -> None:
-    settings = Settings(
-        database_url=migrated_sqlite(str(tmp_path / "postcall.db")),
-        data_dir=tmp_path / "data",
-        api_tokens="test-token",
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = sqlite_settings(tmp_path)
     closed_port = f"http://127.0.0.1:{free_port()}"
     with TestClient(create_app(broker_settings(settings, closed_port))) as client:
         answer = create(client)
@@ -271,12 +348,7 @@ def test_unreachable_elevenlabs_is_unavailable(tmp_path: Path) -> None:
 
 
 def test_missing_api_key_says_the_broker_is_not_configured(tmp_path: Path, upstream: Upstream) -> None:
-    settings = Settings(
-        database_url=migrated_sqlite(str(tmp_path / "postcall.db")),
-        data_dir=tmp_path / "data",
-        api_tokens="test-token",
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = sqlite_settings(tmp_path)
     with TestClient(create_app(settings)) as client:
         answer = create(client)
     assert answer.status_code == 503
@@ -361,11 +433,7 @@ def test_a_missing_or_wrong_bearer_token_is_refused(
 
 def test_without_api_tokens_the_broker_is_off(tmp_path: Path, upstream_server: tuple[Upstream, str]) -> None:
     upstream, base_url = upstream_server
-    settings = Settings(
-        database_url=migrated_sqlite(str(tmp_path / "postcall.db")),
-        data_dir=tmp_path / "data",
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = sqlite_settings(tmp_path, api_tokens="")
     with TestClient(create_app(broker_settings(settings, base_url))) as client:
         answer = create(client)
     assert answer.status_code == 403
