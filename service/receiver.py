@@ -9,10 +9,12 @@ however large the audio is. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import orjson
 import pybase64
@@ -31,6 +33,46 @@ BATCH_BYTES = 1 << 20
 
 class BodyTooLarge(Exception):
     """The body is over POSTCALL_MAX_BODY_BYTES."""
+
+
+class BodyTooSlow(Exception):
+    """The sender fell behind the minimum pace; the connection is answered 408 and closed."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slowly a body may arrive: by `grace + size / min_rate` seconds after the first byte was awaited.
+
+    A fixed deadline would either cut off a large audio body on a fair link or let a trickle (a byte a second)
+    hold its connection for minutes. A minimum average rate does neither: a 24 KB body gets about 10 s, an
+    80 MB body about 20 min, and a trickle is cut off once the grace is spent.
+    """
+
+    grace_seconds: float = 10.0
+    min_bytes_per_second: float = 64 * 1024
+
+    def allowance(self, size: int) -> float:
+        return self.grace_seconds + size / self.min_bytes_per_second
+
+
+async def paced(
+    chunks: AsyncIterator[bytes], pace: Pace, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[bytes]:
+    """Yield `chunks`, raising BodyTooSlow when the next one does not arrive within the pace's allowance."""
+    started = clock()
+    size = 0
+    iterator = aiter(chunks)
+    while True:
+        remaining = started + pace.allowance(size) - clock()
+        try:
+            with anyio.fail_after(max(remaining, 0)):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BodyTooSlow() from None
+        size += len(chunk)
+        yield chunk
 
 
 @dataclass

@@ -16,6 +16,7 @@ from service import sessions
 from service.blobs import BlobStore
 from service.config import Settings
 from service.db import create_engine
+from service.receiver import Pace
 from service.web import health, metrics, openapi, read_api, webhooks
 from service.web import sessions as web_sessions
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
@@ -28,8 +29,10 @@ def create_app(
     *,
     engine: Engine | None = None,
     clock: Callable[[], float] = time.time,
+    pace: Pace | None = None,
 ) -> Starlette:
-    """The whole HTTP service. `engine` and `clock` are for tests; by default both come from settings/time."""
+    """The whole HTTP service. `engine`, `clock` and `pace` are for tests; by default they come from settings,
+    time and the receiver's default pace."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -41,7 +44,13 @@ def create_app(
         writer = BatchWriter(db)
         writer.start()
         app.state.postcall = AppState(
-            settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs, writer=writer
+            settings=settings,
+            engine=db,
+            blobs=blobs,
+            clock=clock,
+            elevenlabs=elevenlabs,
+            writer=writer,
+            pace=pace or Pace(),
         )
         try:
             yield

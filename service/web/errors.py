@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from service.db import StoreUnavailable
 from service.events import PayloadError
 from service.queries import QueryError
-from service.receiver import BodyTooLarge
+from service.receiver import BodyTooLarge, BodyTooSlow
 from service.sessions import BrokerNotConfigured, InvalidSessionRequest, UpstreamError, UpstreamKind
 from service.signature import SignatureError
 from service.web.auth import ApiDisabled, Unauthorized
@@ -38,6 +38,12 @@ async def payload_error(request: Request, exc: Exception) -> Response:
 
 async def body_too_large(request: Request, exc: Exception) -> Response:
     return error(413, "body too large")
+
+
+async def body_too_slow(request: Request, exc: Exception) -> Response:
+    log.info("webhook refused: body arrived too slowly")
+    # The sender is still connected and may keep trickling: close the connection rather than read on.
+    return JSONResponse({"error": "body arrived too slowly"}, status_code=408, headers={"Connection": "close"})
 
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:
@@ -117,6 +123,7 @@ EXCEPTION_HANDLERS = {
     SignatureError: signature_error,
     PayloadError: payload_error,
     BodyTooLarge: body_too_large,
+    BodyTooSlow: body_too_slow,
     StoreUnavailable: store_unavailable,
     HTTPException: http_exception,
     QueryError: query_error,

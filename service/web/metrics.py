@@ -32,7 +32,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 UNMATCHED_ROUTE = "unmatched"
 # A refused delivery was not (or not fully) read, and an unverified body is not to be trusted: its type is unknown.
 UNREAD_TYPE = "unknown"
-REFUSALS = {400: "bad_payload", 401: "invalid_signature", 413: "too_large", 503: "unavailable", 500: "error"}
+REFUSALS = {
+    400: "bad_payload",
+    401: "invalid_signature",
+    408: "too_slow",
+    413: "too_large",
+    503: "unavailable",
+    500: "error",
+}
 
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 

@@ -255,6 +255,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             ),
             "400": _error("correctly signed, but not JSON or without data.conversation_id"),
             "401": _error("missing, malformed or non-matching signature, or a timestamp outside the window"),
+            "408": _error("the body arrived slower than the minimum pace (10 s grace, then 64 KiB/s on average)"),
             "413": _error("body too large"),
             "503": _error("storage unavailable; the reconciler fills the gap later"),
         },

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from service.blobs import BlobStore
 from service.config import Settings
 from service.db import transaction
+from service.receiver import Pace
 from service.writer import BatchWriter
 
 T = TypeVar("T")
@@ -28,6 +29,7 @@ class AppState:
     clock: Callable[[], float] = field(default=time.time)
     elevenlabs: httpx.AsyncClient = field(kw_only=True)  # the session broker's client, closed by the lifespan
     writer: BatchWriter = field(kw_only=True)  # group commit for webhook deliveries, stopped by the lifespan
+    pace: Pace = field(default_factory=Pace, kw_only=True)  # how slowly a webhook body may arrive
 
     @property
     def webhook_secrets(self) -> list[bytes]:
