@@ -213,13 +213,18 @@ class ElevenLabsClient:
 
     async def _pages(self, path: str, params: Mapping[str, Any], kind: str) -> AsyncIterator[dict[str, Any]]:
         cursor: str | None = None
+        seen: set[str] = set()  # a cursor handed out twice would page forever
         while True:
             query = {**params, **({"cursor": cursor} if cursor else {})}
-            page = _json_object(await self._request(path, query, kind))
+            response = await self._request(path, query, kind)
+            page = _json_object(response)
             yield page
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
+            if cursor in seen:
+                raise ApiError(response.status_code, f"the API repeated cursor {cursor[:40]!r}; stopped paging")
+            seen.add(cursor)
 
     async def _request(self, path: str, params: Mapping[str, Any], kind: str) -> httpx.Response:
         async def keep(response: httpx.Response) -> httpx.Response:

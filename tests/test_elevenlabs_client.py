@@ -10,6 +10,7 @@ from email.utils import format_datetime
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from service.blobs import BlobStore
@@ -142,3 +143,22 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after_seconds(date, now) == pytest.approx(30)
     assert retry_after_seconds("soon", now) is None
     assert retry_after_seconds(None, now) is None
+
+
+def test_a_cursor_handed_out_twice_stops_the_paging_with_an_error() -> None:
+    """An API that keeps answering has_more with a cursor it gave before would otherwise page forever."""
+    cursors = itertools.cycle(["c1", "c2"])
+    requests: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, json={"conversations": [], "has_more": True, "next_cursor": next(cursors)})
+
+    async def collect() -> int:
+        http = httpx.AsyncClient(base_url="http://api.test", transport=httpx.MockTransport(answer))
+        async with ElevenLabsClient(http, KEY, policy=RetryPolicy.testing()) as api:
+            return len([page async for page in api.conversation_pages("agent_a", 0, NOW)])
+
+    with pytest.raises(ApiError, match="repeated cursor 'c1'"):
+        anyio.run(collect)
+    assert [r.url.params.get("cursor") for r in requests] == [None, "c1", "c2"]
