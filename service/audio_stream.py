@@ -10,7 +10,6 @@ Pure: bytes in, bytes out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import pybase64
@@ -18,7 +17,6 @@ import pybase64
 MAX_DEPTH = 256
 AUDIO_PATH = (b"data", b"full_audio")
 
-_STRING_SPECIAL = re.compile(rb'["\\]')
 _STRUCTURAL = frozenset(b'{}[]:,"')
 _DROPPED_ESCAPES = frozenset(b"nrt")  # line breaks inside base64 carry no data
 
@@ -117,11 +115,16 @@ class AudioSplitter:
             self._escape_pending = False
             self._take_escaped(chunk[pos : pos + 1])
             return pos + 1
-        match = _STRING_SPECIAL.search(chunk, pos)
-        stop = match.start() if match else len(chunk)
+        # Two memchr-speed scans instead of one regex search: the audio string is tens of MB and the regex
+        # engine crawled through it at ~200 MB/s, the slowest step of taking an audio webhook.
+        quote = chunk.find(b'"', pos)
+        stop = chunk.find(b"\\", pos, len(chunk) if quote < 0 else quote)
+        if stop < 0:
+            stop = quote
+        if stop < 0:
+            self._take(chunk[pos:])
+            return len(chunk)
         self._take(chunk[pos:stop])
-        if match is None:
-            return stop
         if chunk[stop] == 0x5C:  # backslash: the next byte (maybe in the next chunk) is escaped
             if stop + 1 < len(chunk):
                 self._take_escaped(chunk[stop + 1 : stop + 2])
