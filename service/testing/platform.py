@@ -15,8 +15,9 @@ It answers what postcall calls, shaped like ElevenLabs' models:
 
 Every request needs the `xi-api-key` it was built with (else 401) and is logged in `calls` (time, path, query,
 status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
-for chosen conversation ids (`failing_ids`), slowly (`latency`), and keeps conversations `processing` until a
-test finishes them (`set_status`).
+for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
+or `stall` for chosen kinds), with a body cut off (`truncate`), with a list cursor that repeats
+(`repeat_cursors`), and keeps conversations `processing` until a test finishes them (`set_status`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -31,6 +32,13 @@ Python API, for tests and for the session broker's tests:
                                                     # and `platform.transcription_event(cid)` is its webhook
         platform.calls_to("detail")                 # the logged calls of one kind
         platform.pause(); platform.resume()         # hold every request unanswered, then let them go
+        platform.fail(3, status=503, kinds={"list"})  # the next 3 list requests answer 503 (times=None: until
+                                                    # clear_faults())
+        platform.truncate(1, kinds={"detail"})      # the next detail answers 200 with its JSON cut in half
+        platform.truncate(1, abort=True)            # … or promises the whole body and drops the connection halfway
+        platform.stall(2.0, None, kinds={"list"})   # list requests wait 2 s before answering, until clear_faults()
+        platform.repeat_cursors = True              # a list page asked for with a cursor hands that cursor back
+        platform.clear_faults()                     # every fault above (and throttles) off
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
 """
@@ -85,6 +93,42 @@ class _Throttle:
 
 
 @dataclass
+class _Fault:
+    """One on-demand fault: it applies to the next `remaining` requests of `kinds` (any kind when None), or to
+    every one of them until `clear_faults()` when `remaining` is None."""
+
+    remaining: int | None
+    kinds: frozenset[str] | None
+    status: int = 500  # for `fail`
+    abort: bool = False  # for `truncate`
+    seconds: float = 0.0  # for `stall`
+
+    def take(self, kind: str) -> bool:
+        """Whether this fault applies to a request of `kind`; counts it down if so."""
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        if self.remaining is None:
+            return True
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+class _Aborted(Exception):
+    """Raised mid-body by a cut-off answer: the server drops the connection, as a crashed proxy would."""
+
+
+class _CutOff(Response):
+    """Headers that promise the whole body, then half of it, then a dropped connection."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
+        raise _Aborted("answer cut off on purpose")
+
+
+@dataclass
 class FakePlatform:
     api_key: str = "fake-api-key"
     conversations: Iterable[FakeConversation] = ()
@@ -94,6 +138,7 @@ class FakePlatform:
     failing_ids: set[str] = field(default_factory=set)
     calls: list[Call] = field(default_factory=list)
     log_calls: bool = True  # off for benchmarks with very many calls
+    repeat_cursors: bool = False  # a list page asked for with a cursor answers has_more with that same cursor
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -101,6 +146,10 @@ class FakePlatform:
         # (-start, id): ascending order is newest first, as the API lists; one index in all and one per agent.
         self._order: dict[str | None, list[tuple[int, str]]] = {None: []}
         self._throttles: list[_Throttle] = []
+        self._failures: list[_Fault] = []
+        self._truncations: list[_Fault] = []
+        self._stalls: list[_Fault] = []
+        self._unstall = threading.Event()  # set by `clear_faults()`: the stalls in progress end with it
         self._agents = list(self.agents)
         self.in_flight = 0
         self._running = threading.Event()  # cleared by `pause()`
@@ -213,6 +262,36 @@ class FakePlatform:
         with self._lock:
             self._throttles.append(_Throttle(times, retry_after, frozenset(kinds) if kinds else None))
 
+    def fail(self, times: int | None, status: int = 500, kinds: Iterable[str] | None = None) -> None:
+        """The next `times` requests (of `kinds`, default any; None: all until `clear_faults()`) answer `status`."""
+        with self._lock:
+            self._failures.append(_Fault(times, _kinds(kinds), status=status))
+
+    def truncate(self, times: int | None, kinds: Iterable[str] | None = None, *, abort: bool = False) -> None:
+        """The next `times` answers that would be 200 (of `kinds`) lose the second half of their body.
+
+        By default the headers match what is sent, so the client reads a whole 200 whose JSON simply ends
+        mid-way; with `abort` the headers promise the whole body and the connection drops halfway through it.
+        """
+        with self._lock:
+            self._truncations.append(_Fault(times, _kinds(kinds), abort=abort))
+
+    def stall(self, seconds: float, times: int | None, kinds: Iterable[str] | None = None) -> None:
+        """The next `times` requests (of `kinds`) wait `seconds` before they are answered: a client timeout."""
+        with self._lock:
+            self._stalls.append(_Fault(times, _kinds(kinds), seconds=seconds))
+
+    def clear_faults(self) -> None:
+        """Every on-demand fault off: throttles, failures, truncations, stalls and repeating cursors."""
+        with self._lock:
+            self._throttles.clear()
+            self._failures.clear()
+            self._truncations.clear()
+            self._stalls.clear()
+            self.repeat_cursors = False
+            self._unstall.set()
+            self._unstall = threading.Event()
+
     def pause(self) -> None:
         """Hold every request (they wait, unanswered) until `resume()`: a run that stays in flight on demand."""
         self._running.clear()
@@ -265,6 +344,7 @@ class FakePlatform:
         try:
             yield f"http://{host}:{bound_port}"
         finally:
+            self.clear_faults()  # stalled answers end now rather than hold up the shutdown
             server.should_exit = True
             thread.join(timeout=10)
             sock.close()
@@ -282,7 +362,8 @@ class FakePlatform:
                 if response is None:
                     if self.latency:
                         await anyio.sleep(self.latency)
-                    response = handler(request)
+                    await self._stall(kind)
+                    response = self._truncated(kind, handler(request))
             finally:
                 with self._lock:
                     self.in_flight -= 1
@@ -316,7 +397,30 @@ class FakePlatform:
             cid = request.path_params.get("conversation_id")
             if cid is not None and cid in self.failing_ids:
                 return _error(500, "internal_error", "An internal error occurred")
+            for failure in self._failures:
+                if failure.take(kind):
+                    return _error(failure.status, "internal_error", f"Injected HTTP {failure.status}")
         return None
+
+    async def _stall(self, kind: str) -> None:
+        """Wait out the stalls that apply, unless `clear_faults()` (or the server stopping) ends them first, so
+        that a test does not wait for answers its client gave up on long ago."""
+        with self._lock:
+            seconds = sum(stall.seconds for stall in self._stalls if stall.take(kind))
+            unstall = self._unstall
+        if seconds:
+            await anyio.to_thread.run_sync(unstall.wait, seconds, abandon_on_cancel=True)
+
+    def _truncated(self, kind: str, response: Response) -> Response:
+        if response.status_code != 200:
+            return response
+        with self._lock:
+            fault = next((t for t in self._truncations if t.take(kind)), None)
+        if fault is None:
+            return response
+        if fault.abort:
+            return _CutOff(response.body, media_type=response.media_type)
+        return Response(response.body[: len(response.body) // 2], media_type=response.media_type)
 
     # --- handlers (run under no lock of the caller; each takes the lock for its read) ---------------------------
 
@@ -364,6 +468,9 @@ class FakePlatform:
                 page.append(self._by_id[key[1]].summary())
                 last = key
         next_cursor = _write_cursor(last) if more and last is not None else None
+        if self.repeat_cursors and cursor is not None:
+            # A broken API: the page for a cursor points back to that same cursor, so paging never ends.
+            next_cursor, more = query["cursor"], True
         return _json({"conversations": page, "next_cursor": next_cursor, "has_more": more})
 
     def _detail(self, request: Request) -> Response:
@@ -430,6 +537,10 @@ def livekit_token(conversation_id: str, participant_name: str | None) -> str:
     payload = _b64url(orjson.dumps(claims))
     signature = hmac.new(JWT_KEY, f"{header}.{payload}".encode(), hashlib.sha256).digest()
     return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def _kinds(kinds: Iterable[str] | None) -> frozenset[str] | None:
+    return frozenset(kinds) if kinds else None
 
 
 def _b64url(raw: bytes) -> str:

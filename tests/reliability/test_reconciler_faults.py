@@ -1,0 +1,302 @@
+"""The reconciler against an API that misbehaves: 429s, 500s, truncated JSON, dropped connections, answers slower
+than the client's timeout, and a cursor that repeats.
+
+Whatever the fault, a run ends — within a generous bound — with a clear status (exit 1, a failed run record and a
+message naming the fault), never moves a checkpoint past a conversation it did not store, and a clean run
+afterwards stores everything. Each scenario runs on SQLite and PostgreSQL.
+
+The scenario: a first clean run stores every conversation and sets each agent's checkpoint; then conversations
+that ElevenLabs lists late appear inside the overlap before that checkpoint; the faulty run meets them; the fault
+is lifted and the next run must store them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from sqlalchemy.engine import Engine
+
+from service import elevenlabs
+from service.config import Settings
+from service.testing import FakeConversation, FakePlatform, seed_conversations
+from tests.support.reconcile import Run, checkpoint, reconcile, rows
+
+KEY = "faults-key"
+AGENTS = ("agent_a", "agent_b")
+NOW = int(time.time())
+# Far above a healthy run (about a second) and far below "forever": a run still going after this loops or hangs.
+RUN_BOUND_SECONDS = 60
+# Small pages, so that a dozen conversations span several pages and faults strike in the middle of paging.
+PAGE_SIZE = 5
+# The client's timeout while an answer is stalled for longer than it; the stall outlasts every retry's timeout.
+CLIENT_TIMEOUT_SECONDS = 0.5
+STALL_SECONDS = 2.0
+LATE_PER_AGENT = 3
+
+
+@pytest.fixture(autouse=True)
+def small_pages_and_tiny_retry_waits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(elevenlabs, "PAGE_SIZE", PAGE_SIZE)
+    elevenlabs.set_testing(True)  # every retry still happens, with millisecond waits
+    yield
+    elevenlabs.set_testing(False)
+
+
+@pytest.fixture
+def platform() -> FakePlatform:
+    conversations = seed_conversations(16, AGENTS, now=NOW, spread_seconds=2 * 86400, failed_share=0.1, seed=23)
+    return FakePlatform(api_key=KEY, conversations=conversations)
+
+
+@pytest.fixture
+def fake_url(platform: FakePlatform) -> Iterator[str]:
+    with platform.serve() as url:
+        yield url
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault the fake platform injects into the next `times` answers of some kinds (None: until cleared),
+    the words the run's message must name it by, and whether the client retries it."""
+
+    name: str
+    inject: Callable[[FakePlatform, int | None, frozenset[str]], None]
+    names: str
+    retried: bool = True
+    stalls: bool = False
+
+
+FAULTS = [
+    Fault("429", lambda p, times, kinds: p.throttle(times or 1_000_000, retry_after="0", kinds=kinds), "HTTP 429"),
+    Fault("500", lambda p, times, kinds: p.fail(times, 500, kinds), "HTTP 500"),
+    # A 200 whose JSON ends mid-way is not retried (only 429, 5xx and transport errors are): that run fails.
+    Fault("truncated-json", lambda p, times, kinds: p.truncate(times, kinds), "not JSON", retried=False),
+    Fault(
+        "cut-off-connection",
+        lambda p, times, kinds: p.truncate(times, kinds, abort=True),
+        "RemoteProtocolError",
+    ),
+    Fault("timeout", lambda p, times, kinds: p.stall(STALL_SECONDS, times, kinds), "ReadTimeout", stalls=True),
+]
+RETRIED = [fault for fault in FAULTS if fault.retried]
+
+
+def bounded_reconcile(settings: Settings, url: str, *args: str) -> Run:
+    """`postcall reconcile --json` in-process; the test fails if the run has not ended within the bound."""
+    outcome: list[Run | BaseException] = []
+
+    def go() -> None:
+        try:
+            outcome.append(reconcile(settings, url, KEY, "--json", *args))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    # A daemon thread: should the run never end, the test fails now and the thread dies with the process.
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    thread.join(RUN_BOUND_SECONDS)
+    if thread.is_alive():
+        pytest.fail(f"postcall reconcile was still running after {RUN_BOUND_SECONDS} s: it loops or hangs")
+    [result] = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def add_late_conversations(platform: FakePlatform, per_agent: int = LATE_PER_AGENT) -> list[FakeConversation]:
+    """Conversations that appear after the first run, started inside the overlap the next run lists again."""
+    late = []
+    for agent_id in AGENTS:
+        for i in range(per_agent):
+            conversation = FakeConversation(f"conv_late_{agent_id}_{i}", agent_id, NOW - 60 - 90 * i, status="done")
+            platform.add(conversation)
+            late.append(conversation)
+    return late
+
+
+def stored(engine: Engine) -> dict[str, dict[str, object]]:
+    return {row["conversation_id"]: row for row in rows(engine, "conversation")}
+
+
+def checkpoints(engine: Engine) -> dict[str, int | None]:
+    return {agent_id: checkpoint(engine, agent_id) for agent_id in AGENTS}
+
+
+def last_run_record(engine: Engine) -> dict[str, object]:
+    return max(rows(engine, "reconcile_run"), key=lambda row: int(row["id"]))
+
+
+def assert_checkpoints_are_honest(engine: Engine, platform: FakePlatform) -> None:
+    """A checkpoint says: every conversation of the agent that started before it is stored in full."""
+    records = stored(engine)
+    for agent_id, held in checkpoints(engine).items():
+        assert held is not None
+        for conversation in platform.all():
+            if conversation.agent_id == agent_id and conversation.start_time_unix_secs < held:
+                record = records.get(conversation.conversation_id)
+                assert record is not None and record["complete"], (
+                    f"{agent_id}'s checkpoint {held} passed {conversation.conversation_id} "
+                    f"(started {conversation.start_time_unix_secs}), which is not stored in full"
+                )
+
+
+def assert_a_clear_failure(run: Run, engine: Engine, names: str) -> None:
+    assert run.exit_code == 1, run.stderr
+    assert run.json["ok"] is False
+    assert any(names in error for error in run.json["errors"]), run.json["errors"]
+    record = last_run_record(engine)
+    assert record["id"] == run.json["run_id"]
+    assert record["status"] == "failed"
+    assert record["finished_at"] is not None
+    assert names in str(record["error"])
+    assert rows(engine, "reconcile_lease") == []  # released: the next run is not locked out
+
+
+def assert_everything_stored(engine: Engine, platform: FakePlatform) -> None:
+    records = stored(engine)
+    assert set(records) == {c.conversation_id for c in platform.all()}
+    assert all(record["complete"] for record in records.values())
+
+
+def first_clean_run(settings: Settings, engine: Engine, platform: FakePlatform, url: str) -> dict[str, int | None]:
+    run = bounded_reconcile(settings, url)
+    assert run.exit_code == 0, run.stderr
+    assert_everything_stored(engine, platform)
+    return checkpoints(engine)
+
+
+def client_timeout_for(fault: Fault, monkeypatch: pytest.MonkeyPatch) -> None:
+    if fault.stalls:  # how `ElevenLabsClient.open` builds its httpx client: the module's TIMEOUT
+        monkeypatch.setattr(elevenlabs, "TIMEOUT", httpx.Timeout(CLIENT_TIMEOUT_SECONDS))
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
+def test_a_listing_that_keeps_failing_ends_the_run_as_failed_and_leaves_every_checkpoint_where_it_was(
+    settings: Settings,
+    engine: Engine,
+    platform: FakePlatform,
+    fake_url: str,
+    fault: Fault,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client_timeout_for(fault, monkeypatch)
+    before = first_clean_run(settings, engine, platform, fake_url)
+    late = add_late_conversations(platform)
+    fault.inject(platform, None, frozenset({"list"}))
+
+    failed = bounded_reconcile(settings, fake_url)
+
+    assert_a_clear_failure(failed, engine, fault.names)
+    assert failed.json["failed"] == len(AGENTS)  # one failed listing per agent
+    assert checkpoints(engine) == before
+    assert not {c.conversation_id for c in late} & set(stored(engine))
+
+    platform.clear_faults()
+    fixed = bounded_reconcile(settings, fake_url)
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert_everything_stored(engine, platform)
+    assert_checkpoints_are_honest(engine, platform)
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
+def test_details_that_keep_failing_end_the_run_as_failed_and_hold_the_checkpoint_before_them(
+    settings: Settings,
+    engine: Engine,
+    platform: FakePlatform,
+    fake_url: str,
+    fault: Fault,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client_timeout_for(fault, monkeypatch)
+    first_clean_run(settings, engine, platform, fake_url)
+    late = add_late_conversations(platform)
+    fault.inject(platform, None, frozenset({"detail"}))
+
+    failed = bounded_reconcile(settings, fake_url)
+
+    assert_a_clear_failure(failed, engine, fault.names)
+    assert failed.json["failed"] == len(late)
+    records = stored(engine)
+    assert all(not records[c.conversation_id]["complete"] for c in late)  # stored from the summary only
+    assert_checkpoints_are_honest(engine, platform)
+    for agent_id, held in checkpoints(engine).items():
+        oldest_missing = min(c.start_time_unix_secs for c in late if c.agent_id == agent_id)
+        assert held is not None and held <= oldest_missing
+
+    platform.clear_faults()
+    fixed = bounded_reconcile(settings, fake_url)
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert fixed.json["details_fetched"] == len(late)
+    assert_everything_stored(engine, platform)
+    assert_checkpoints_are_honest(engine, platform)
+
+
+def test_an_agent_listing_that_keeps_failing_ends_the_run_as_failed_and_writes_no_checkpoint(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    platform.fail(None, 503, kinds={"agents"})
+
+    failed = bounded_reconcile(settings, fake_url)
+
+    assert_a_clear_failure(failed, engine, "HTTP 503")
+    assert checkpoints(engine) == dict.fromkeys(AGENTS)
+    assert stored(engine) == {}
+
+    platform.clear_faults()
+    assert bounded_reconcile(settings, fake_url).exit_code == 0
+    assert_everything_stored(engine, platform)
+
+
+def test_a_cursor_that_repeats_stops_the_paging_with_a_failed_run_instead_of_looping(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    before = first_clean_run(settings, engine, platform, fake_url)
+    late = add_late_conversations(platform, per_agent=2 * PAGE_SIZE + 1)  # three pages each
+    platform.repeat_cursors = True
+    platform.reset_calls()
+
+    failed = bounded_reconcile(settings, fake_url)
+
+    assert_a_clear_failure(failed, engine, "repeated cursor")
+    # Per agent: the first page, then the page whose cursor points back at itself, and no more.
+    assert len(platform.calls_to("list")) == 2 * len(AGENTS)
+    assert checkpoints(engine) == before
+
+    platform.clear_faults()
+    fixed = bounded_reconcile(settings, fake_url)
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert {c.conversation_id for c in late} <= set(stored(engine))
+    assert_everything_stored(engine, platform)
+
+
+@pytest.mark.parametrize("fault", RETRIED, ids=lambda fault: fault.name)
+def test_a_passing_fault_is_retried_and_the_run_stores_everything(
+    settings: Settings,
+    engine: Engine,
+    platform: FakePlatform,
+    fake_url: str,
+    fault: Fault,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client_timeout_for(fault, monkeypatch)
+    # Two faulty answers, fewer than the retry policy's attempts (the first list requests, then details).
+    fault.inject(platform, 2, frozenset({"list"}))
+    fault.inject(platform, 2, frozenset({"detail"}))
+
+    run = bounded_reconcile(settings, fake_url)
+
+    assert run.exit_code == 0, run.stderr
+    assert run.json["failed"] == 0
+    assert_everything_stored(engine, platform)
+    assert_checkpoints_are_honest(engine, platform)
+    assert last_run_record(engine)["status"] == "succeeded"
+    faulty = [call for call in platform.calls if call.kind in ("list", "detail") and call.status != 200]
+    assert len(faulty) == (4 if fault.name in ("429", "500") else 0)  # stalls and cut-offs are logged as 200
