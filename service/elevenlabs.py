@@ -109,15 +109,22 @@ def _retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def _reason(response: httpx.Response) -> str:
+def _reason(response: httpx.Response, api_key: str) -> str:
+    """The API's own words for an error, shortened, with the API key scrubbed from them: an error message may
+    echo the request's headers, and the reason travels on to the run record, the summary and the logs."""
     try:
         body: Any = response.json()
     except ValueError:
-        return (response.text or response.reason_phrase)[:MAX_REASON_CHARS]
+        return _scrub(response.text or response.reason_phrase, api_key)[:MAX_REASON_CHARS]
     detail = body.get("detail", body) if isinstance(body, dict) else body
     if isinstance(detail, dict):
         detail = detail.get("message") or detail.get("status") or detail
-    return str(detail)[:MAX_REASON_CHARS]
+    # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
+    return _scrub(str(detail), api_key)[:MAX_REASON_CHARS]
+
+
+def _scrub(text: str, api_key: str) -> str:
+    return text.replace(api_key, "[api key]") if api_key else text
 
 
 class ElevenLabsClient:
@@ -135,6 +142,7 @@ class ElevenLabsClient:
         rng: random.Random | None = None,
     ) -> None:
         self._http = http
+        self._api_key = api_key
         self._headers = {"xi-api-key": api_key}
         self._policy = policy or default_policy()
         self._slots = anyio.Semaphore(concurrency)
@@ -253,13 +261,13 @@ class ElevenLabsClient:
                         await response.aclose()
             except httpx.TransportError as exc:
                 if last:
-                    raise Unreachable(f"{type(exc).__name__} on GET {path}: {exc}") from exc
+                    raise Unreachable(_scrub(f"{type(exc).__name__} on GET {path}: {exc}", self._api_key)) from exc
                 await self._back_off(attempt, None, f"{type(exc).__name__} on GET {path}")
                 continue
             status = response.status_code
             if not _retryable(status) or last:
                 error = NotFound if status == 404 else ApiError
-                raise error(status, _reason(response))
+                raise error(status, _reason(response, self._api_key))
             await self._back_off(attempt, response, f"HTTP {status} on GET {path}")
         raise AssertionError("unreachable: the last attempt returns or raises")
 

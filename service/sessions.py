@@ -215,7 +215,7 @@ async def _get(client: httpx.AsyncClient, path: str, params: dict[str, str], api
         return answer
     raise UpstreamError(
         _kind(response.status_code),
-        _scrub(upstream_reason(response), key),
+        upstream_reason(response, key),
         response.status_code,
         retry_after=response.headers.get("retry-after") if response.status_code in (429, 503) else None,
     )
@@ -236,9 +236,9 @@ def _credential(answer: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def upstream_reason(response: httpx.Response) -> str:
+def upstream_reason(response: httpx.Response, key: str = "") -> str:
     """ElevenLabs' own words for an error: `detail.message`, a `detail` string, the first validation message,
-    else the status line's reason phrase."""
+    else the status line's reason phrase; with `key` scrubbed from it."""
     try:
         body = response.json()
     except ValueError:
@@ -249,7 +249,8 @@ def upstream_reason(response: httpx.Response) -> str:
     elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
         detail = detail[0].get("msg")
     reason = detail if isinstance(detail, str) and detail.strip() else response.reason_phrase or "no reason given"
-    return reason[:MAX_REASON_CHARS]
+    # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
+    return _scrub(reason, key)[:MAX_REASON_CHARS]
 
 
 def _scrub(text: str, key: str) -> str:
