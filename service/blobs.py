@@ -1,23 +1,39 @@
 """Audio files on disk: written under a temp name, synced, then renamed into place.
 
 Layout under POSTCALL_DATA_DIR:
-    tmp/            files being written; anything here after a crash is garbage (see `clean_temp`)
+    tmp/*.part      files being written, each locked (flock) by its writer for as long as it lives
+    tmp/*.claim     a note that a transaction is putting a file at <relpath>, locked by its writer; removed once
+                    that transaction has committed
     audio/<id>.mp3  a conversation whose id is plain ASCII letters, digits, '_' and '-'
     audio/_/<sha256 of id>.mp3   any other id, so no id can name a path outside the data dir
+
+Crashes. A file is renamed into `audio/` inside the database transaction that records it, just before the
+commit, so a process that dies between the two would leave a file that no record claims. The claim written before
+the rename keeps that doubt on disk: at start-up `settle_claims` takes every claim no live process holds and keeps
+its file only if a committed record says so; `clean_temp` then removes the temp files no live process holds. A
+process that dies, even by SIGKILL, drops its locks; one that is alive (another replica, worker or the
+reconciler, sharing the data dir) keeps them, so its work in progress is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from service.db import after_commit
+
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 STALE_TEMP_SECONDS = 3600
+TEMP_SUFFIX = ".part"
+CLAIM_SUFFIX = ".claim"
 
 
 def audio_relpath(conversation_id: str) -> str:
@@ -36,39 +52,77 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Claim:
+    """A locked note in tmp/: a file was put at `relpath` by a transaction that has not committed yet."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self.path = path
+
+    def settle(self) -> None:
+        """The transaction committed: the note is no longer needed."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        """Unlock; a note not settled stays for `BlobStore.settle_claims` (the commit failed, or its outcome is
+        unknown)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class TempBlob:
-    """A file being written in tmp/. `commit()` makes it durable under its final name; `discard()` removes it."""
+    """A file being written in tmp/, locked by its writer. `commit()` makes it durable under its final name;
+    `discard()` removes it (and only unlocks it once committed)."""
 
     def __init__(self, store: BlobStore, file: BinaryIO, path: Path) -> None:
         self._store = store
         self._file = file
         self.path = path
         self.size = 0
+        self._synced = False
+        self._committed = False
+        self._claim: Claim | None = None
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
         self.size += len(data)
 
     def sync(self) -> None:
-        """Flush and fsync the data; the file takes no more writes."""
-        if not self._file.closed:
+        """Flush and fsync the data; the file takes no more writes. It stays open: its lock marks it as live."""
+        if not self._synced:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
+            self._synced = True
 
     def commit(self, conversation_id: str) -> str:
-        """Move the synced file to the conversation's audio path; returns that path relative to the data dir."""
+        """Move the synced file to the conversation's audio path; returns that path relative to the data dir.
+
+        Call it inside the `db.transaction` that records the audio: its claim is settled when that transaction
+        commits, and after a crash before the commit `BlobStore.settle_claims` removes the file again."""
         relpath = audio_relpath(conversation_id)
         final = self._store.root / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
         self.sync()
+        self._claim = self._store.claim(relpath, os.fstat(self._file.fileno()).st_ino)
         os.replace(self.path, final)
+        self._committed = True
         _fsync_dir(final.parent)
+        after_commit(self._claim.settle)
         return relpath
 
     def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Remove the temp file, or once committed only unlock it. Never raises: it runs on error paths."""
+        if not self._committed:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)  # while still locked, so no cleaner races us for it
+        # Closing flushes what is buffered, which fails on a full disk; the descriptor is closed regardless.
+        with contextlib.suppress(OSError):
+            self._file.close()
+        if self._claim is not None:
+            self._claim.release()
 
 
 class BlobStore:
@@ -80,9 +134,47 @@ class BlobStore:
         return self.root / "tmp"
 
     def open_temp(self) -> TempBlob:
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.temp_dir, suffix=".part")
-        return TempBlob(self, os.fdopen(fd, "wb"), Path(name))
+        """A new locked temp file. Raises OSError when the data dir cannot take it (full, read-only, gone)."""
+        fd, path = _create_locked(self.temp_dir, TEMP_SUFFIX)
+        return TempBlob(self, os.fdopen(fd, "wb"), path)
+
+    def claim(self, relpath: str, inode: int) -> Claim:
+        """Note, durably and before it happens, that the file `inode` is about to be put at `relpath`."""
+        fd, path = _create_locked(self.temp_dir, CLAIM_SUFFIX, f"{relpath}\n{inode}\n".encode())
+        return Claim(fd, path)
+
+    def settle_claims(self, is_claimed: Callable[[str], bool], older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
+        """Settle the claims of writers that died before their commit: each file stays only if `is_claimed(relpath)`
+        (a committed record says its audio is there). Returns how many files were removed. Raises what
+        `is_claimed` raises (the database is down): the claims then wait for the next start."""
+        if not self.temp_dir.is_dir():
+            return 0
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in sorted(self.temp_dir.glob("*" + CLAIM_SUFFIX)):
+            fd = _open_abandoned(path, cutoff)
+            if fd is None:
+                continue
+            try:
+                relpath, _, inode = os.read(fd, 4096).decode(errors="replace").partition("\n")
+                # A claim cut short by the crash was never followed by its rename: nothing to undo.
+                if inode.strip().isdigit() and not is_claimed(relpath):
+                    removed += self._remove_if_same(relpath, int(inode))
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return removed
+
+    def _remove_if_same(self, relpath: str, inode: int) -> bool:
+        """Remove the file at `relpath` if it is still the one claimed, not a newer one put there since."""
+        path = self.path_of(relpath)
+        try:
+            if os.stat(path).st_ino != inode:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def path_of(self, relpath: str) -> Path:
         """The absolute path of a stored blob; refuses anything that would leave the data dir."""
@@ -95,16 +187,69 @@ class BlobStore:
         self.path_of(relpath).unlink(missing_ok=True)
 
     def clean_temp(self, older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
-        """Remove temp files left by a crash. Only old ones: another replica may share the data dir."""
+        """Remove temp files left by a crash: every `.part` file no live process holds locked, whatever its age.
+        Where the file system has no locks only age tells: those older than `older_than_seconds` go."""
         if not self.temp_dir.is_dir():
             return 0
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for path in self.temp_dir.glob("*.part"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
+        for path in self.temp_dir.glob("*" + TEMP_SUFFIX):
+            fd = _open_abandoned(path, cutoff)
+            if fd is not None:
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                removed += 1
         return removed
+
+
+def _create_locked(directory: Path, suffix: str, content: bytes = b"") -> tuple[int, Path]:
+    """A new file `*<suffix>` in `directory`, locked by us, holding `content` (synced).
+
+    A cleaner starting in the instant between the creation and the lock may take the file for a leftover and
+    remove it: a temp file's delivery then fails when the file is renamed into place (a 503, never a silent loss);
+    a claim's write goes on without the claim's crash protection. A crash before `content` is synced leaves a claim
+    cut short, read as one whose rename never happened: true, since the rename comes only after this returns."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, suffix=suffix)
+    path = Path(name)
+    try:
+        with contextlib.suppress(OSError):  # no locks on some network file systems: cleaners then go by age
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if content:
+            os.write(fd, content)
+            os.fsync(fd)
+            _fsync_dir(directory)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return fd, path
+
+
+def _open_abandoned(path: Path, cutoff: float) -> int | None:
+    """A locked descriptor of `path` if no live process holds it (on a file system without locks: if it is older
+    than `cutoff`); None if it is in use or gone."""
+    try:
+        fd = os.open(path, os.O_RDWR)  # read-write: flock over NFS is a byte-range lock, which needs it
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None  # its writer is alive
+    except OSError:
+        if os.fstat(fd).st_mtime >= cutoff:
+            os.close(fd)
+            return None
+    if not _same_file(path, fd):
+        os.close(fd)
+        return None  # committed (renamed away) after we opened it
+    return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

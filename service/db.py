@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,10 +89,32 @@ def unavailable_as_store_error() -> Iterator[None]:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc.strerror}") from exc
 
 
+# What `transaction()` runs once it has committed: how a file put in place inside a transaction learns that the
+# record claiming it is durable too (see blobs.TempBlob.commit).
+_after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar("postcall_after_commit", default=None)
+
+
+def after_commit(callback: Callable[[], None]) -> None:
+    """Run `callback` once the enclosing `transaction()` has committed, never if it fails; outside one, now."""
+    pending = _after_commit.get()
+    if pending is None:
+        callback()
+    else:
+        pending.append(callback)
+
+
 def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     """Run `work` in one transaction (committed on return, rolled back on error), mapping outages."""
-    with unavailable_as_store_error(), engine.begin() as conn:
-        return work(conn)
+    pending: list[Callable[[], None]] = []
+    token = _after_commit.set(pending)
+    try:
+        with unavailable_as_store_error(), engine.begin() as conn:
+            result = work(conn)
+    finally:
+        _after_commit.reset(token)
+    for callback in pending:
+        callback()
+    return result
 
 
 def ping(engine: Engine) -> None:

@@ -158,6 +158,14 @@ def _locked_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str,
     return records
 
 
+def audio_is_claimed(conn: Connection, relpath: str) -> bool:
+    """Whether a committed record says its audio is at `relpath` (how blobs.BlobStore.settle_claims decides)."""
+    claimed = sa.select(conversations.c.conversation_id).where(
+        conversations.c.audio_path == relpath, conversations.c.has_audio.is_(True)
+    )
+    return conn.execute(claimed.limit(1)).first() is not None
+
+
 def get_record(conn: Connection, conversation_id: str) -> dict[str, Any] | None:
     """The stored record as a dict of column values (for readers and tests)."""
     row = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,16 +13,18 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
-from service import sessions
+from service import ingest, sessions
 from service.blobs import BlobStore
 from service.config import Settings
-from service.db import create_engine
+from service.db import StoreUnavailable, create_engine, transaction
 from service.receiver import Pace
 from service.web import health, metrics, openapi, read_api, webhooks
 from service.web import sessions as web_sessions
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
 from service.writer import BatchWriter
+
+log = logging.getLogger("postcall.app")
 
 
 def create_app(
@@ -39,7 +42,7 @@ def create_app(
         own_engine = engine is None
         db = create_engine(settings.database_url) if engine is None else engine
         blobs = BlobStore(settings.data_dir)
-        await anyio.to_thread.run_sync(blobs.clean_temp)
+        await anyio.to_thread.run_sync(_tidy_data_dir, blobs, db)
         elevenlabs = sessions.elevenlabs_client(settings.elevenlabs_base_url)
         writer = BatchWriter(db)
         writer.start()
@@ -79,6 +82,16 @@ def create_app(
     )
     app.state.metrics = app_metrics
     return app
+
+
+def _tidy_data_dir(blobs: BlobStore, engine: Engine) -> None:
+    """Undo what writers that crashed left in the data dir: audio put in place by a transaction that never
+    committed, then temp files nobody is writing any more."""
+    try:
+        blobs.settle_claims(lambda relpath: transaction(engine, lambda conn: ingest.audio_is_claimed(conn, relpath)))
+    except StoreUnavailable as exc:
+        log.warning("audio of interrupted writes left for the next start: database unavailable (%s)", exc)
+    blobs.clean_temp()
 
 
 def _running_engine(app: Starlette) -> Engine | None:
