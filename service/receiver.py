@@ -189,7 +189,20 @@ def audio_from_payload(data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
         raise PayloadError("data.full_audio is not valid base64") from exc
     try:
         blob = blobs.open_temp()
-        blob.write(audio)
     except OSError as exc:
         raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
+    try:
+        blob.write(audio)
+    except OSError as exc:
+        blob.discard()  # a disk that fills up half-way must not keep the half that fitted
+        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
     return blob
+
+
+def sync_audio(blob: TempBlob) -> None:
+    """fsync the decoded audio. The last bytes may still sit in the write buffer, so a full disk can show only
+    now: that is StoreUnavailable (503) like any other failed write, not an unexpected error."""
+    try:
+        blob.sync()
+    except OSError as exc:
+        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc

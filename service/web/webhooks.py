@@ -15,7 +15,7 @@ from starlette.routing import Route
 from service import events, ingest
 from service.blobs import TempBlob
 from service.merge import Audio, Observation, Source
-from service.receiver import BodyTooLarge, ReceivedBody, audio_from_payload, paced, read_body
+from service.receiver import BodyTooLarge, ReceivedBody, audio_from_payload, paced, read_body, sync_audio
 from service.signature import check_timestamp, parse_header
 from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
@@ -58,7 +58,7 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[ing
         if body.audio is None:  # a small body carried its audio inline
             body.audio = await anyio.to_thread.run_sync(audio_from_payload, envelope.data, state.blobs)
         blob: TempBlob = body.audio
-        await anyio.to_thread.run_sync(blob.sync)  # the slow fsync happens outside the transaction
+        await anyio.to_thread.run_sync(sync_audio, blob)  # the slow fsync happens outside the transaction
         outcome = await state.write(lambda conn: _record_audio(conn, delivery, envelope, blob))
     else:
         observation = _observation(envelope, at)
