@@ -118,8 +118,20 @@ def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
 
 def ping(engine: Engine) -> None:
+    """Raise StoreUnavailable unless the database can take a write now (what /readyz reports)."""
+    if is_sqlite(engine.url):
+        # `SELECT 1` never touches an SQLite file: a database on a failing or read-only disk, or locked by another
+        # process, would look ready while every webhook got 503. Rewriting the header's user_version as it is
+        # makes the probe a real commit, one page in the WAL.
+        transaction(engine, _rewrite_user_version)
+        return
     with unavailable_as_store_error(), engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
+
+
+def _rewrite_user_version(conn: Connection) -> None:
+    version = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+    conn.exec_driver_sql(f"PRAGMA user_version = {version}")
 
 
 def insert_ignoring_conflict(conn: Connection, table: sa.Table, values: dict[str, Any], key: str) -> bool:
