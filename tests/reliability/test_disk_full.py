@@ -2,7 +2,8 @@
 record that claims audio it does not have; once there is room again the same delivery is stored.
 
 The data dir is a small tmpfs mounted for the test (we run as root, in CI too), so the failures are the kernel's
-own: ENOSPC when it is full, EROFS when it is remounted read-only.
+own: ENOSPC when it is full (before the audio, or right after it, when the claim kept while it is renamed into place
+finds no room), EROFS when it is remounted read-only. Where mounting is not allowed the test is skipped, saying so.
 """
 
 from __future__ import annotations
