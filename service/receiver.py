@@ -9,8 +9,7 @@ however large the audio is. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,24 +54,7 @@ class Pace:
         return self.grace_seconds + size / self.min_bytes_per_second
 
 
-async def paced(
-    chunks: AsyncIterator[bytes], pace: Pace, clock: Callable[[], float] = time.monotonic
-) -> AsyncIterator[bytes]:
-    """Yield `chunks`, raising BodyTooSlow when the next one does not arrive within the pace's allowance."""
-    started = clock()
-    size = 0
-    iterator = aiter(chunks)
-    while True:
-        remaining = started + pace.allowance(size) - clock()
-        try:
-            with anyio.fail_after(max(remaining, 0)):
-                chunk = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise BodyTooSlow() from None
-        size += len(chunk)
-        yield chunk
+DEFAULT_PACE = Pace()
 
 
 @dataclass
@@ -111,27 +93,35 @@ async def read_body(
     secrets: Sequence[bytes],
     max_bytes: int,
     blobs: BlobStore,
+    pace: Pace = DEFAULT_PACE,
 ) -> ReceivedBody:
-    """Read and verify the body. Raises SignatureError, BodyTooLarge, PayloadError or StoreUnavailable;
-    on any error nothing is left behind in the blob store."""
+    """Read and verify the body. Raises SignatureError, BodyTooLarge, BodyTooSlow, PayloadError or
+    StoreUnavailable; on any error nothing is left behind in the blob store."""
     verifier = BodyVerifier(header, secrets)
     digest = hashlib.sha256()
     buffer = bytearray()
     streaming: _Streaming | None = None
     size = 0
     try:
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > max_bytes:
-                raise BodyTooLarge()
-            buffer += chunk
-            if streaming is None and len(buffer) <= SMALL_BODY_BYTES:
-                continue
-            if streaming is None:
-                streaming = await anyio.to_thread.run_sync(_Streaming, verifier, digest, blobs)
-            if len(buffer) >= BATCH_BYTES:
-                await anyio.to_thread.run_sync(streaming.feed, bytes(buffer))
-                buffer.clear()
+        # One cancel scope whose deadline moves on with every chunk: a scope per chunk cost more than the HMAC.
+        with anyio.CancelScope() as pacing:
+            started = anyio.current_time()
+            pacing.deadline = started + pace.allowance(0)
+            async for chunk in chunks:
+                size += len(chunk)
+                pacing.deadline = started + pace.allowance(size)
+                if size > max_bytes:
+                    raise BodyTooLarge()
+                buffer += chunk
+                if streaming is None and len(buffer) <= SMALL_BODY_BYTES:
+                    continue
+                if streaming is None:
+                    streaming = await anyio.to_thread.run_sync(_Streaming, verifier, digest, blobs)
+                if len(buffer) >= BATCH_BYTES:
+                    await anyio.to_thread.run_sync(streaming.feed, bytes(buffer))
+                    buffer.clear()
+        if pacing.cancelled_caught:
+            raise BodyTooSlow()
         if streaming is None:
             return _small_body(bytes(buffer), verifier, digest)
         if buffer:

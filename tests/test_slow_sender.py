@@ -6,14 +6,17 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
 
+from service.blobs import BlobStore
 from service.config import Settings
-from service.receiver import BodyTooSlow, Pace, paced
+from service.receiver import BodyTooSlow, Pace, read_body
+from service.signature import parse_header
 from service.web.app import create_app
 from tests.support import webhooks as wh
 from tests.support.live import live_server
@@ -27,19 +30,25 @@ async def drip(chunks: list[bytes], every: float) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def collect(chunks: AsyncIterator[bytes]) -> bytes:
-    return b"".join([chunk async for chunk in chunks])
+def read_dripped(body: bytes, piece: int, every: float, blobs: BlobStore) -> bytes:
+    """Read a signed body that arrives `piece` bytes every `every` seconds, at the QUICK pace."""
+    header = parse_header(wh.signed_headers(body)["ElevenLabs-Signature"])
+    chunks = [body[i : i + piece] for i in range(0, len(body), piece)]
+    received = anyio.run(read_body, drip(chunks, every), header, [wh.SECRET.encode()], 1 << 20, blobs, QUICK)
+    assert received.raw is not None
+    return received.raw
 
 
-def test_a_body_at_a_fair_pace_passes_whole() -> None:
-    chunks = [b"x" * 500] * 6  # 3,000 bytes in 0.06 s
-    assert anyio.run(collect, paced(drip(chunks, 0.01), QUICK)) == b"x" * 3000
+def test_a_body_at_a_fair_pace_passes_whole(tmp_path: Path) -> None:
+    body = wh.encode(wh.transcription("conv_fair"))  # ~700 bytes in 0.05 s: well above 1,000 bytes/s
+    assert read_dripped(body, 150, 0.01, BlobStore(tmp_path)) == body
 
 
-def test_a_trickle_is_cut_off_once_the_grace_is_spent() -> None:
+def test_a_trickle_is_cut_off_once_the_grace_is_spent(tmp_path: Path) -> None:
+    body = wh.encode(wh.transcription("conv_trickle"))
     started = time.monotonic()
     with pytest.raises(BodyTooSlow):
-        anyio.run(collect, paced(drip([b"x"] * 100, 0.05), QUICK))
+        read_dripped(body, 1, 0.05, BlobStore(tmp_path))  # 20 bytes/s
     assert 0.4 < time.monotonic() - started < 2
 
 

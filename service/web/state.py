@@ -30,10 +30,10 @@ class AppState:
     elevenlabs: httpx.AsyncClient = field(kw_only=True)  # the session broker's client, closed by the lifespan
     writer: BatchWriter = field(kw_only=True)  # group commit for webhook deliveries, stopped by the lifespan
     pace: Pace = field(default_factory=Pace, kw_only=True)  # how slowly a webhook body may arrive
+    webhook_secrets: list[bytes] = field(init=False)  # encoded once: every webhook needs them
 
-    @property
-    def webhook_secrets(self) -> list[bytes]:
-        return [secret.get_secret_value().encode() for secret in self.settings.webhook_secrets]
+    def __post_init__(self) -> None:
+        self.webhook_secrets = [secret.get_secret_value().encode() for secret in self.settings.webhook_secrets]
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in one database transaction on a worker thread (the drivers are synchronous)."""

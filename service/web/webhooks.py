@@ -15,7 +15,7 @@ from starlette.routing import Route
 from service import events, ingest
 from service.blobs import TempBlob
 from service.merge import Audio, Observation, Source
-from service.receiver import BodyTooLarge, ReceivedBody, audio_from_payload, paced, read_body, sync_audio
+from service.receiver import BodyTooLarge, ReceivedBody, audio_from_payload, read_body, sync_audio
 from service.signature import check_timestamp, parse_header
 from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
@@ -33,8 +33,9 @@ async def receive(request: Request) -> JSONResponse:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
         raise BodyTooLarge()
-    chunks = paced(request.stream(), state.pace)
-    body = await read_body(chunks, header, state.webhook_secrets, state.settings.max_body_bytes, state.blobs)
+    body = await read_body(
+        request.stream(), header, state.webhook_secrets, state.settings.max_body_bytes, state.blobs, state.pace
+    )
     try:
         outcome, conversation_id = await _store(state, body, datetime.fromtimestamp(now, UTC))
     finally:
