@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -168,7 +169,7 @@ def test_kill_9_under_load_loses_no_acknowledged_webhook_and_leaves_nothing_half
     with serving(env, log, "--no-migrate") as restarted:
         stored = records(store)
         report(store.dialect.name, tally, stored, left_by_crash)
-        assert_acknowledged_are_stored(tally.acknowledged, stored)
+        assert_acknowledged_are_stored(tally.acknowledged, stored, data_dir)
         assert conversations_without_archived_event(store) == []
         assert audio_mismatches(stored, data_dir) == []
         assert temp_files(data_dir) == []
@@ -177,7 +178,7 @@ def test_kill_9_under_load_loses_no_acknowledged_webhook_and_leaves_nothing_half
     assert {d.conversation_id for d in tally.sent} <= set(records(store))
 
 
-def report(dialect: str, tally: Tally, stored: dict[str, dict[str, object]], left_by_crash: list[str]) -> None:
+def report(dialect: str, tally: Tally, stored: dict[str, dict[str, Any]], left_by_crash: list[str]) -> None:
     acknowledged = {d.conversation_id for d in tally.acknowledged}
     unanswered = {d.conversation_id for d in tally.unanswered} - acknowledged
     print(
@@ -189,13 +190,17 @@ def report(dialect: str, tally: Tally, stored: dict[str, dict[str, object]], lef
     )
 
 
-def assert_acknowledged_are_stored(acknowledged: list[Delivery], stored: dict[str, dict[str, object]]) -> None:
+def assert_acknowledged_are_stored(
+    acknowledged: list[Delivery], stored: dict[str, dict[str, Any]], data_dir: Path
+) -> None:
     missing = [d for d in acknowledged if d.conversation_id not in stored]
     assert missing == [], f"{len(missing)} acknowledged conversations lost, e.g. {missing[0].conversation_id}"
     for delivery in acknowledged:
         record = stored[delivery.conversation_id]
         if delivery.kind == "audio":
-            assert record["has_audio"] and record["audio_bytes"] == AUDIO_BYTES, delivery.conversation_id
+            assert record["has_audio"], delivery.conversation_id
+            audio = (data_dir / record["audio_path"]).read_bytes()
+            assert audio == mp3_bytes(delivery.conversation_id, AUDIO_BYTES), delivery.conversation_id
         else:
             sent = json.loads(delivery.body)["data"]
             assert (record["status"], record["transcript"]) == ("done", sent["transcript"]), delivery.conversation_id
