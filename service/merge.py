@@ -5,8 +5,8 @@
 - A field a source does not carry (absent or None) is left as it is.
 - Each observation has a rank: (status rank, source richness). Its fields replace the record's when its rank is
   at least the rank of the data already applied; otherwise it only fills fields that are still empty. So the
-  transcription webhook or a detail fetch replaces a list summary, and a stale summary arriving after them
-  changes nothing.
+  transcription webhook or a detail fetch replaces a list summary, a webhook replaces a detail (never the
+  reverse), and a stale summary arriving after them changes nothing.
 - `labels` (given when a session is created) are merged key by key rather than replaced.
 - Provenance: `first_seen_via` comes from the earliest observation; `webhook_received_at` and
   `audio_received_at` keep their earliest time, `reconciled_at` its latest.
@@ -41,15 +41,19 @@ CHANNEL: dict[Source, str] = {
     Source.AUDIO_WEBHOOK: "webhook",
 }
 
+# Distinct wherever two sources can describe one final conversation, so the record never depends on which was
+# stored last. The webhook outranks the detail: delivered in order, a webhook makes the record complete and the
+# reconciler never fetches the detail, so when a race brings both, the webhook's view is the one to keep.
 RICHNESS: dict[Source, int] = {
     Source.SESSION: 0,
     Source.AUDIO_WEBHOOK: 0,
     Source.AUDIO_FETCH: 0,
     Source.LIST_SUMMARY: 1,
     Source.DETAIL: 2,
-    Source.TRANSCRIPTION_WEBHOOK: 2,
-    Source.FAILURE_WEBHOOK: 2,
+    Source.TRANSCRIPTION_WEBHOOK: 3,
+    Source.FAILURE_WEBHOOK: 3,
 }
+COMPLETE_RICHNESS = RICHNESS[Source.DETAIL]  # a detail or a transcription webhook holds the whole conversation
 
 STATUS_RANK: dict[str, int] = {"initiated": 0, "in-progress": 1, "processing": 2, "done": 3, "failed": 4}
 FINAL_STATUSES = frozenset({"done", "failed"})
@@ -116,7 +120,7 @@ def merge(record: Mapping[str, Any] | None, obs: Observation) -> dict[str, Any]:
         merged["has_audio"] = True
         merged["audio_path"] = obs.audio.path
         merged["audio_bytes"] = obs.audio.size
-    merged["complete"] = merged["data_rank"] >= STATUS_RANK["done"] * 10 + RICHNESS[Source.DETAIL]
+    merged["complete"] = merged["data_rank"] >= STATUS_RANK["done"] * 10 + COMPLETE_RICHNESS
     return merged
 
 

@@ -138,3 +138,39 @@ def test_failure_wins_over_done_whatever_the_order() -> None:
     done = Observation("c", Source.DETAIL, at(0), "done", {"agent_id": "a"})
     failed = Observation("c", Source.FAILURE_WEBHOOK, at(1), "failed", {"failure_reason": "busy"})
     assert fold([done, failed])["status"] == fold([failed, done])["status"] == "failed"
+
+
+def failed_lifecycle() -> list[Observation]:
+    """A call that never connected: its failure webhook and its detail disagree on `metadata`."""
+    return [
+        Observation("c2", Source.LIST_SUMMARY, at(10), "failed", {"agent_id": "agent_1", "call_duration_secs": 0.0}),
+        Observation(
+            "c2",
+            Source.FAILURE_WEBHOOK,
+            at(20),
+            "failed",
+            {"agent_id": "agent_1", "failure_reason": "busy", "metadata": {"type": "sip", "sip_status_code": 486}},
+        ),
+        Observation(
+            "c2", Source.DETAIL, at(30), "failed", {"agent_id": "agent_1", "metadata": {"call_duration_secs": 0}}
+        ),
+    ]
+
+
+@given(st.permutations(failed_lifecycle()))
+def test_a_failed_call_converges_whichever_of_its_webhook_and_detail_comes_last(shuffled: list[Observation]) -> None:
+    record = fold(shuffled)
+    assert record == fold(failed_lifecycle())
+    assert record["metadata"] == {"type": "sip", "sip_status_code": 486}  # the webhook's, as in an ordered delivery
+    assert record["failure_reason"] == "busy"  # which only the webhook carries
+    assert record["complete"] is True
+
+
+@given(st.permutations([obs for obs in lifecycle() if obs.status == "done" and obs.source != Source.LIST_SUMMARY]))
+def test_a_webhook_and_a_detail_that_differ_converge_to_the_webhook(shuffled: list[Observation]) -> None:
+    """In an ordered delivery the webhook completes the record and the detail is never fetched: a race that
+    brings both must end the same way."""
+    other = {**FINAL, "analysis": {**FINAL["analysis"], "evaluation_criteria_results": {}}}
+    detail = Observation("c1", Source.DETAIL, at(120), "done", other)
+    record = fold([detail if obs.source == Source.DETAIL else obs for obs in shuffled])
+    assert record["analysis"] == FINAL["analysis"]
