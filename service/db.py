@@ -43,6 +43,13 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     connect_args = {
         "connect_timeout": PG_CONNECT_TIMEOUT_SECONDS,
         "options": f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} -c lock_timeout={PG_STATEMENT_TIMEOUT_MS}",
+        # statement_timeout is the server's: when the network drops packets (no reset) only the client's TCP
+        # timeouts notice, and without them a write would wait for minutes with every webhook queued behind it.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": PG_STATEMENT_TIMEOUT_MS + 5000,
     }
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)

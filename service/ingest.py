@@ -75,9 +75,10 @@ def record_deliveries(conn: Connection, items: Sequence[tuple[Delivery, Observat
     Order is kept: a body that appears twice in the batch is a duplicate the second time, and observations of
     one conversation merge in the order given.
     """
-    archived = insert_many_ignoring_conflict(
-        conn, webhook_events, [_archive_values(delivery) for delivery, _ in items], "body_sha256"
-    )
+    # In hash order, as the conversation rows are locked in id order: two batches holding the same two events
+    # (duplicates racing through two workers) then wait for each other instead of deadlocking.
+    rows = sorted((_archive_values(delivery) for delivery, _ in items), key=lambda row: row["body_sha256"])
+    archived = insert_many_ignoring_conflict(conn, webhook_events, rows, "body_sha256")
     outcomes: list[Outcome] = []
     fresh: set[str] = set()
     observations: list[Observation] = []
