@@ -5,9 +5,9 @@ Whatever the fault, a run ends — within a generous bound — with a clear stat
 message naming the fault), never moves a checkpoint past a conversation it did not store, and a clean run
 afterwards stores everything. Each scenario runs on SQLite and PostgreSQL.
 
-The scenario: a first clean run stores every conversation and sets each agent's checkpoint; then conversations
-that ElevenLabs lists late appear inside the overlap before that checkpoint; the faulty run meets them; the fault
-is lifted and the next run must store them.
+The scenario: a first clean run over a window that ends half an hour ago stores what started before then and sets
+each agent's checkpoint there; new conversations start after it; the faulty run meets them (and the older ones
+the first window did not reach); the fault is lifted and the next run must store them all.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ PAGE_SIZE = 5
 # The client's timeout while an answer is stalled for longer than it; the stall outlasts every retry's timeout.
 CLIENT_TIMEOUT_SECONDS = 0.5
 STALL_SECONDS = 2.0
-LATE_PER_AGENT = 3
+NEW_PER_AGENT = 3
+# The first run's window ends here, so that its checkpoint lies well before the faulty run's end: a checkpoint
+# wrongly moved to the end of a failed run shows (two runs inside one second would share their end).
+FIRST_RUN_UNTIL = NOW - 1800
 
 
 @pytest.fixture(autouse=True)
@@ -108,15 +111,16 @@ def bounded_reconcile(settings: Settings, url: str, *args: str) -> Run:
     return result
 
 
-def add_late_conversations(platform: FakePlatform, per_agent: int = LATE_PER_AGENT) -> list[FakeConversation]:
-    """Conversations that appear after the first run, started inside the overlap the next run lists again."""
-    late = []
+def add_new_conversations(platform: FakePlatform, per_agent: int = NEW_PER_AGENT) -> list[FakeConversation]:
+    """Conversations that started after the first run's window: the faulty run is the first to list them."""
     for agent_id in AGENTS:
         for i in range(per_agent):
-            conversation = FakeConversation(f"conv_late_{agent_id}_{i}", agent_id, NOW - 60 - 90 * i, status="done")
-            platform.add(conversation)
-            late.append(conversation)
-    return late
+            platform.add(FakeConversation(f"conv_new_{agent_id}_{i}", agent_id, NOW - 60 - 90 * i, status="done"))
+    return not_reached_by_the_first_run(platform)
+
+
+def not_reached_by_the_first_run(platform: FakePlatform) -> list[FakeConversation]:
+    return [c for c in platform.all() if c.start_time_unix_secs >= FIRST_RUN_UNTIL]
 
 
 def stored(engine: Engine) -> dict[str, dict[str, object]]:
@@ -164,9 +168,14 @@ def assert_everything_stored(engine: Engine, platform: FakePlatform) -> None:
 
 
 def first_clean_run(settings: Settings, engine: Engine, platform: FakePlatform, url: str) -> dict[str, int | None]:
-    run = bounded_reconcile(settings, url)
+    run = bounded_reconcile(settings, url, "--until", str(FIRST_RUN_UNTIL))
     assert run.exit_code == 0, run.stderr
-    assert_everything_stored(engine, platform)
+    reached = {c.conversation_id for c in platform.all()} - {
+        c.conversation_id for c in not_reached_by_the_first_run(platform)
+    }
+    assert set(stored(engine)) == reached
+    assert checkpoints(engine) == dict.fromkeys(AGENTS, FIRST_RUN_UNTIL)
+    assert_checkpoints_are_honest(engine, platform)
     return checkpoints(engine)
 
 
@@ -186,7 +195,7 @@ def test_a_listing_that_keeps_failing_ends_the_run_as_failed_and_leaves_every_ch
 ) -> None:
     client_timeout_for(fault, monkeypatch)
     before = first_clean_run(settings, engine, platform, fake_url)
-    late = add_late_conversations(platform)
+    missing = add_new_conversations(platform)
     fault.inject(platform, None, frozenset({"list"}))
 
     failed = bounded_reconcile(settings, fake_url)
@@ -194,7 +203,8 @@ def test_a_listing_that_keeps_failing_ends_the_run_as_failed_and_leaves_every_ch
     assert_a_clear_failure(failed, engine, fault.names)
     assert failed.json["failed"] == len(AGENTS)  # one failed listing per agent
     assert checkpoints(engine) == before
-    assert not {c.conversation_id for c in late} & set(stored(engine))
+    assert not {c.conversation_id for c in missing} & set(stored(engine))
+    assert_checkpoints_are_honest(engine, platform)
 
     platform.clear_faults()
     fixed = bounded_reconcile(settings, fake_url)
@@ -215,25 +225,25 @@ def test_details_that_keep_failing_end_the_run_as_failed_and_hold_the_checkpoint
 ) -> None:
     client_timeout_for(fault, monkeypatch)
     first_clean_run(settings, engine, platform, fake_url)
-    late = add_late_conversations(platform)
+    missing = add_new_conversations(platform)
     fault.inject(platform, None, frozenset({"detail"}))
 
     failed = bounded_reconcile(settings, fake_url)
 
     assert_a_clear_failure(failed, engine, fault.names)
-    assert failed.json["failed"] == len(late)
+    assert failed.json["failed"] == len(missing)
     records = stored(engine)
-    assert all(not records[c.conversation_id]["complete"] for c in late)  # stored from the summary only
+    assert all(not records[c.conversation_id]["complete"] for c in missing)  # stored from the summary only
     assert_checkpoints_are_honest(engine, platform)
     for agent_id, held in checkpoints(engine).items():
-        oldest_missing = min(c.start_time_unix_secs for c in late if c.agent_id == agent_id)
+        oldest_missing = min(c.start_time_unix_secs for c in missing if c.agent_id == agent_id)
         assert held is not None and held <= oldest_missing
 
     platform.clear_faults()
     fixed = bounded_reconcile(settings, fake_url)
 
     assert fixed.exit_code == 0, fixed.stderr
-    assert fixed.json["details_fetched"] == len(late)
+    assert fixed.json["details_fetched"] == len(missing)
     assert_everything_stored(engine, platform)
     assert_checkpoints_are_honest(engine, platform)
 
@@ -258,7 +268,7 @@ def test_a_cursor_that_repeats_stops_the_paging_with_a_failed_run_instead_of_loo
     settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
 ) -> None:
     before = first_clean_run(settings, engine, platform, fake_url)
-    late = add_late_conversations(platform, per_agent=2 * PAGE_SIZE + 1)  # three pages each
+    missing = add_new_conversations(platform, per_agent=2 * PAGE_SIZE + 1)  # three pages each, at least
     platform.repeat_cursors = True
     platform.reset_calls()
 
@@ -268,12 +278,13 @@ def test_a_cursor_that_repeats_stops_the_paging_with_a_failed_run_instead_of_loo
     # Per agent: the first page, then the page whose cursor points back at itself, and no more.
     assert len(platform.calls_to("list")) == 2 * len(AGENTS)
     assert checkpoints(engine) == before
+    assert_checkpoints_are_honest(engine, platform)
 
     platform.clear_faults()
     fixed = bounded_reconcile(settings, fake_url)
 
     assert fixed.exit_code == 0, fixed.stderr
-    assert {c.conversation_id for c in late} <= set(stored(engine))
+    assert {c.conversation_id for c in missing} <= set(stored(engine))
     assert_everything_stored(engine, platform)
 
 
