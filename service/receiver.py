@@ -21,7 +21,7 @@ import pybase64
 from service.audio_stream import AudioSplitter, Base64Decoder, StreamFormatError
 from service.blobs import BlobStore, TempBlob
 from service.db import StoreUnavailable
-from service.events import PayloadError
+from service.events import PayloadError, may_hold_nul, without_nul
 from service.signature import BodyVerifier, SignatureHeader
 
 SMALL_BODY_BYTES = 1 << 20
@@ -80,11 +80,18 @@ class _Streaming:
         self.blob = blobs.open_temp()
         self.decoder = Base64Decoder(self.blob.write)
         self.splitter = AudioSplitter(self.decoder.feed)
+        self.unreadable: StreamFormatError | None = None
 
     def feed(self, data: bytes) -> None:
         self.verifier.update(data)
         self.digest.update(data)
-        self.splitter.feed(data)
+        if self.unreadable is None:
+            try:
+                self.splitter.feed(data)
+            except StreamFormatError as exc:
+                # Not an answer yet: whether this is a 400 or a forgery (401) is known only once the whole body
+                # is hashed. Stop splitting, keep verifying.
+                self.unreadable = exc
 
 
 async def read_body(
@@ -150,6 +157,8 @@ def _small_body(body: bytes, verifier: BodyVerifier, digest: Any) -> ReceivedBod
 def _finish_streaming(streaming: _Streaming, size: int) -> ReceivedBody:
     streaming.verifier.verify()
     try:
+        if streaming.unreadable is not None:
+            raise streaming.unreadable
         skeleton = streaming.splitter.finish()
         streaming.decoder.finish()
     except StreamFormatError as exc:
@@ -163,9 +172,10 @@ def _finish_streaming(streaming: _Streaming, size: int) -> ReceivedBody:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        payload = orjson.loads(body)
     except (orjson.JSONDecodeError, RecursionError) as exc:
         raise PayloadError("body is not valid JSON") from exc
+    return without_nul(payload) if may_hold_nul(body) else payload
 
 
 def audio_from_payload(data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
