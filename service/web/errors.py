@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from service.db import StoreUnavailable
@@ -44,6 +44,13 @@ async def body_too_slow(request: Request, exc: Exception) -> Response:
     log.info("webhook refused: body arrived too slowly")
     # The sender is still connected and may keep trickling: close the connection rather than read on.
     return JSONResponse({"error": "body arrived too slowly"}, status_code=408, headers={"Connection": "close"})
+
+
+async def client_disconnected(request: Request, exc: Exception) -> Response:
+    # The sender hung up mid-body: nothing was stored and nobody is left to answer. Not a server error; 499 is
+    # the status proxies log for it, and what the metrics count.
+    log.info("webhook abandoned: the sender disconnected before the body was complete")
+    return error(499, "client disconnected")
 
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:
@@ -124,6 +131,7 @@ EXCEPTION_HANDLERS = {
     PayloadError: payload_error,
     BodyTooLarge: body_too_large,
     BodyTooSlow: body_too_slow,
+    ClientDisconnect: client_disconnected,
     StoreUnavailable: store_unavailable,
     HTTPException: http_exception,
     QueryError: query_error,

@@ -37,6 +37,7 @@ REFUSALS = {
     401: "invalid_signature",
     408: "too_slow",
     413: "too_large",
+    499: "disconnected",
     503: "unavailable",
     500: "error",
 }
