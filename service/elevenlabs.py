@@ -28,6 +28,7 @@ import anyio.to_thread
 import httpx
 
 from service.blobs import BlobStore, TempBlob
+from service.events import may_hold_nul, without_nul
 
 log = logging.getLogger("postcall.elevenlabs")
 T = TypeVar("T")
@@ -299,4 +300,4 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
         raise ApiError(response.status_code, "answer is not JSON") from exc
     if not isinstance(body, dict):
         raise ApiError(response.status_code, "answer is not a JSON object")
-    return body
+    return without_nul(body) if may_hold_nul(response.content) else body  # see events.without_nul

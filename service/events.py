@@ -14,12 +14,21 @@ from datetime import datetime
 from typing import Any
 
 from service.merge import Audio, Observation, Source
+from service.models import Conversation
 
 TRANSCRIPTION = "post_call_transcription"
 AUDIO = "post_call_audio"
 FAILURE = "call_initiation_failure"
 KNOWN_TYPES = frozenset({TRANSCRIPTION, AUDIO, FAILURE})
 MAX_ID_LENGTH = 256
+BIGINT = range(-(2**63), 2**63)
+
+# The longest value each bounded text column holds: a longer one is not a value we can keep (no real agent id is
+# 257 characters), so it reads as absent rather than failing the write. The raw body keeps it in the archive.
+_COLUMNS = Conversation.__table__.c  # type: ignore[attr-defined]
+LIMITS: dict[str, int] = {
+    column.name: column.type.length for column in _COLUMNS if getattr(column.type, "length", None) is not None
+}
 
 
 class PayloadError(Exception):
@@ -54,21 +63,43 @@ def read_envelope(payload: Any) -> Envelope:
 
 
 def valid_conversation_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
+    # U+FFFD is what `without_nul` leaves of a NUL: an id that held one is not an id to store under.
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and "\ufffd" not in value
+
+
+def without_nul(value: Any) -> Any:
+    """`value` with every NUL character in its strings (and keys) replaced by U+FFFD.
+
+    PostgreSQL's text and jsonb cannot hold NUL, and a record should not differ between the two databases.
+    Callers check the raw bytes for an escaped NUL first (a JSON string cannot hold a raw one), so the walk is
+    rare."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nul(item) for item in value]
+    return value
+
+
+def may_hold_nul(raw: bytes) -> bool:
+    return b"\\u0000" in raw
 
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _bounded(value: Any, column: str) -> str | None:
+    return value if isinstance(value, str) and len(value) <= LIMITS[column] else None
+
+
 def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
+        value = int(value)
+    return value if isinstance(value, int) and value in BIGINT else None
 
 
 def _num(value: Any) -> float | None:
@@ -82,7 +113,7 @@ def _obj(value: Any) -> dict[str, Any] | None:
 
 
 def _status(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and value and len(value) <= LIMITS["status"] else None
 
 
 def detail_observation(data: Mapping[str, Any], source: Source, at: datetime) -> Observation:
@@ -92,17 +123,17 @@ def detail_observation(data: Mapping[str, Any], source: Source, at: datetime) ->
     client_data = _obj(data.get("conversation_initiation_client_data")) or {}
     transcript = data.get("transcript")
     fields = {
-        "agent_id": _str(data.get("agent_id")),
-        "user_id": _str(data.get("user_id")) or _str(client_data.get("user_id")),
-        "branch_id": _str(data.get("branch_id")),
+        "agent_id": _bounded(data.get("agent_id"), "agent_id"),
+        "user_id": _bounded(data.get("user_id"), "user_id") or _bounded(client_data.get("user_id"), "user_id"),
+        "branch_id": _bounded(data.get("branch_id"), "branch_id"),
         "start_time_unix_secs": _int(metadata.get("start_time_unix_secs")),
         "call_duration_secs": _num(metadata.get("call_duration_secs")),
-        "call_successful": _str((analysis or {}).get("call_successful")),
+        "call_successful": _bounded((analysis or {}).get("call_successful"), "call_successful"),
         "transcript_summary": _str((analysis or {}).get("transcript_summary")),
         "termination_reason": _str(metadata.get("termination_reason")),
-        "main_language": _str(metadata.get("main_language")),
-        "initiation_source": _str(metadata.get("conversation_initiation_source"))
-        or _str((_obj(client_data.get("source_info")) or {}).get("source")),
+        "main_language": _bounded(metadata.get("main_language"), "main_language"),
+        "initiation_source": _bounded(metadata.get("conversation_initiation_source"), "initiation_source")
+        or _bounded((_obj(client_data.get("source_info")) or {}).get("source"), "initiation_source"),
         "dynamic_variables": _obj(client_data.get("dynamic_variables")),
         "transcript": transcript if isinstance(transcript, list) else None,
         "analysis": analysis,
@@ -120,16 +151,16 @@ def detail_observation(data: Mapping[str, Any], source: Source, at: datetime) ->
 def summary_observation(summary: Mapping[str, Any], at: datetime) -> Observation:
     """One entry of a `GET /v1/convai/conversations` page."""
     fields = {
-        "agent_id": _str(summary.get("agent_id")),
-        "user_id": _str(summary.get("user_id")),
-        "branch_id": _str(summary.get("branch_id")),
+        "agent_id": _bounded(summary.get("agent_id"), "agent_id"),
+        "user_id": _bounded(summary.get("user_id"), "user_id"),
+        "branch_id": _bounded(summary.get("branch_id"), "branch_id"),
         "start_time_unix_secs": _int(summary.get("start_time_unix_secs")),
         "call_duration_secs": _num(summary.get("call_duration_secs")),
-        "call_successful": _str(summary.get("call_successful")),
+        "call_successful": _bounded(summary.get("call_successful"), "call_successful"),
         "transcript_summary": _str(summary.get("transcript_summary")),
         "termination_reason": _str(summary.get("termination_reason")),
-        "main_language": _str(summary.get("main_language")),
-        "initiation_source": _str(summary.get("conversation_initiation_source")),
+        "main_language": _bounded(summary.get("main_language"), "main_language"),
+        "initiation_source": _bounded(summary.get("conversation_initiation_source"), "initiation_source"),
     }
     return Observation(
         conversation_id=str(summary["conversation_id"]),
@@ -144,7 +175,7 @@ def failure_observation(data: Mapping[str, Any], at: datetime) -> Observation:
     """A `call_initiation_failure` webhook: the call never connected."""
     metadata = _obj(data.get("metadata"))
     fields = {
-        "agent_id": _str(data.get("agent_id")),
+        "agent_id": _bounded(data.get("agent_id"), "agent_id"),
         "failure_reason": _str(data.get("failure_reason")),
         "metadata": metadata,
     }
@@ -184,6 +215,6 @@ def audio_observation(
         conversation_id=conversation_id,
         source=source,
         observed_at=at,
-        fields={"agent_id": agent_id},
+        fields={"agent_id": _bounded(agent_id, "agent_id")},
         audio=audio,
     )
