@@ -53,14 +53,33 @@ def fuzz_settings(max_examples: int) -> Any:
     )
 
 
+def usable_id(value: Any) -> bool:
+    """An id postcall can store under: 1 to 256 printable characters. U+FFFD, what a NUL is replaced by before
+    anything is stored, is refused too: an id that held a NUL is not an id."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= events.MAX_ID_LENGTH
+        and value.isprintable()
+        and "\ufffd" not in value
+    )
+
+
 # --- strategies ------------------------------------------------------------------------------------------------------
 
-# Text without NUL: a NUL in a stored string is a known 500 on PostgreSQL, pinned by its own test below
-# (test_known_hostile_values_are_refused_or_stored_never_a_500); the fuzz keeps to what is expected to pass today.
-SAFE_TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=32)
-# Numbers a BIGINT column can hold (a start time beyond it is the other known 500).
-INT64 = st.integers(-(2**63), 2**63 - 1)
-FLOATS = st.floats(-1e15, 1e15) | st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.5, -0.0])
+# Any text, with the characters that have hurt before drawn often: NUL (PostgreSQL text and jsonb cannot hold one),
+# U+FFFD (what postcall puts in a NUL's place), quotes, backslashes and SQL wildcards.
+CHARACTERS = st.characters(exclude_categories=("Cs",)) | st.sampled_from(["\x00", "\ufffd", "'", '"', "\\", "%", "_"])
+TEXT = st.text(CHARACTERS, max_size=32)
+# Longer than the bounded columns (32, 64, 128, 256, 512, 1024 characters), one or more of them.
+LONG_TEXT = st.builds(
+    lambda seed, length: (seed * length)[:length],
+    st.text(CHARACTERS, min_size=1, max_size=8),
+    st.sampled_from([33, 65, 129, 257, 513, 1025, 4000]),
+)
+# Every integer orjson reads (up to 2**64 - 1, beyond a BIGINT column) and floats of any size, edges drawn often.
+EDGES = st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, -(2**63), 1e30, -1e30, 2.0**63, 1e308, 0.5, -0.0])
+INTEGERS = st.integers(-(2**63), 2**64 - 1) | EDGES
+FLOATS = st.floats() | EDGES
 PATHS = st.sampled_from(
     [
         f"../../../../{ESCAPE_MARK}",
@@ -81,25 +100,25 @@ PATHS = st.sampled_from(
 )
 HOSTILE_IDS = st.one_of(
     PATHS,
-    st.builds(lambda n, tail: "../" * n + tail, st.integers(1, 12), SAFE_TEXT),
+    st.builds(lambda n, tail: "../" * n + tail, st.integers(1, 12), TEXT),
     st.sampled_from(["conv_\x00nul", "\x00", "x" * 10_000, "y" * 257, "z" * 256, "", " ", "\n", "conv_ok", "conv_é"]),
     st.text(max_size=300),
-    INT64,
+    INTEGERS,
     FLOATS,
     st.booleans(),
     st.none(),
-    st.lists(SAFE_TEXT, max_size=2),
-    st.dictionaries(SAFE_TEXT, SAFE_TEXT, max_size=2),
+    st.lists(TEXT, max_size=2),
+    st.dictionaries(TEXT, TEXT, max_size=2),
 )
-# Anything where a string, number or object belongs: numbers where strings belong and the other way round. Strings
-# of at most 32 characters, the shortest VARCHAR (call_successful's): a longer one is the PostgreSQL known 500.
-SCALARS = st.one_of(st.none(), st.booleans(), INT64, FLOATS, SAFE_TEXT, PATHS.filter(lambda path: len(path) <= 32))
+# Anything where a string, number or object belongs: numbers where strings belong and the other way round, and
+# strings longer than any column that holds them.
+SCALARS = st.one_of(st.none(), st.booleans(), INTEGERS, FLOATS, TEXT, LONG_TEXT, PATHS)
 JSON_VALUES = st.recursive(
-    SCALARS | st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=2000),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(SAFE_TEXT, children, max_size=4),
+    SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
     max_leaves=12,
 )
-EVENT_TYPES = st.one_of(st.sampled_from(sorted(events.KNOWN_TYPES)), SAFE_TEXT, SCALARS)
+EVENT_TYPES = st.one_of(st.sampled_from(sorted(events.KNOWN_TYPES)), TEXT, SCALARS)
 AUDIO = st.one_of(
     st.binary(min_size=1, max_size=300).map(lambda raw: base64.b64encode(raw).decode()),
     st.sampled_from(["", "not base64!", "====", "QUJD\n", "QU JD", "QUJ", "QQ=="]),
@@ -116,23 +135,29 @@ def _data(conversation_id: Any, fields: dict[str, Any], audio: Any, nest: Any) -
     return data
 
 
+def mostly(strategy: st.SearchStrategy[Any], otherwise: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """`strategy` three times in four, else `otherwise` (`a | b` would flatten b's many branches beside a)."""
+    return st.sampled_from([True, True, True, False]).flatmap(lambda pick: strategy if pick else otherwise)
+
+
+METADATA = st.fixed_dictionaries(
+    {"start_time_unix_secs": mostly(EDGES, SCALARS)},
+    optional={"call_duration_secs": SCALARS, "main_language": SCALARS, "extra": JSON_VALUES},
+)
+ANALYSIS = st.fixed_dictionaries({}, optional={"call_successful": SCALARS, "transcript_summary": SCALARS})
+CLIENT_DATA = st.fixed_dictionaries({}, optional={"dynamic_variables": JSON_VALUES, "user_id": SCALARS})
 FIELDS = st.fixed_dictionaries(
-    {},
+    {
+        "metadata": mostly(METADATA, SCALARS),
+        "analysis": mostly(ANALYSIS, JSON_VALUES),
+        "conversation_initiation_client_data": mostly(CLIENT_DATA, SCALARS),
+    },
     optional={
         "agent_id": SCALARS,
         "status": SCALARS,
         "user_id": SCALARS,
         "branch_id": SCALARS,
         "failure_reason": SCALARS,
-        "metadata": st.fixed_dictionaries(
-            {}, optional={"start_time_unix_secs": SCALARS, "call_duration_secs": SCALARS, "extra": JSON_VALUES}
-        )
-        | SCALARS,
-        "analysis": st.fixed_dictionaries({}, optional={"call_successful": SCALARS, "transcript_summary": SCALARS})
-        | JSON_VALUES,
-        "conversation_initiation_client_data": st.fixed_dictionaries(
-            {}, optional={"dynamic_variables": JSON_VALUES, "user_id": SCALARS}
-        ),
     },
 )
 DATA = st.builds(_data, HOSTILE_IDS, FIELDS, st.none() | AUDIO, st.none() | JSON_VALUES) | JSON_VALUES
@@ -140,14 +165,12 @@ EVENTS = st.fixed_dictionaries({"type": EVENT_TYPES, "data": DATA}, optional={"e
 # Events postcall can read — a usable id, hostile everything else — so that a good share of the fuzz gets stored.
 USABLE_IDS = st.one_of(
     PATHS,
-    st.builds(lambda n, tail: "../" * n + tail, st.integers(1, 12), SAFE_TEXT),
-    st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), min_size=1, max_size=256).filter(
-        str.isprintable
-    ),
+    st.builds(lambda n, tail: "../" * n + tail, st.integers(1, 12), TEXT),
+    st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=256).filter(usable_id),
 )
 READABLE_EVENTS = st.fixed_dictionaries(
     {
-        "type": st.sampled_from(sorted(events.KNOWN_TYPES)),
+        "type": st.sampled_from([events.TRANSCRIPTION, events.TRANSCRIPTION, events.AUDIO, events.FAILURE]),
         "data": st.builds(_data, USABLE_IDS, FIELDS, AUDIO, st.none() | JSON_VALUES),
     }
 )
@@ -223,17 +246,21 @@ def bad_signatures(draw: st.DrawFn, body: bytes) -> str | None:
 
 # Past the 1 MiB after which the receiver streams a body and splits data.full_audio off to disk as it arrives.
 LARGE_AUDIO = base64.b64encode(bytes(range(256)) * 3300).decode()
-# Damage the streamed path refuses with a 400 today. A non-base64 character, an escaped quote or a \\u escape in
-# the audio is a known 500 (even for a forged body), pinned by test_known_streaming_failures_… below.
-DAMAGES = ("none", "one character short", "escaped newline")
+DAMAGES = ("none", "bad character", "one character short", "escaped newline", "unicode escape", "escaped quote")
 PLACES = ("data", "twice", "nested", "top level", "transcript")
 
 
 def _damaged(text: str, damage: str, at: int) -> str:
+    if damage == "bad character":
+        return text[:at] + "!" + text[at + 1 :]
     if damage == "one character short":
         return text[:-1]
     if damage == "escaped newline":  # legal JSON that base64 ignores
         return text[:at] + "\\n" + text[at:]
+    if damage == "unicode escape":  # legal JSON for the same character
+        return text[:at] + "\\u0041" + text[at + 1 :]
+    if damage == "escaped quote":
+        return text[:at] + '\\"' + text[at:]
     return text
 
 
@@ -262,10 +289,6 @@ def large_bodies(draw: st.DrawFn) -> bytes:
 
 
 # --- the oracle: what PRODUCT.md promises for a correctly signed body ------------------------------------------------
-
-
-def usable_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= events.MAX_ID_LENGTH and value.isprintable()
 
 
 LINE_BREAKS = str.maketrans("", "", "\r\n\t")
@@ -389,7 +412,7 @@ def test_a_delivery_that_is_not_correctly_signed_is_401_and_leaves_nothing(box: 
 def test_correctly_signed_garbage_is_400_readable_events_are_200_and_nothing_is_a_500(box: Box) -> None:
     outcomes: dict[int, int] = {}
 
-    @fuzz_settings(max_examples=300)
+    @fuzz_settings(max_examples=500)
     @given(body=BODIES, content_type=CONTENT_TYPES, extra=EXTRA_HEADERS)
     def deliver(body: bytes, content_type: str, extra: dict[str, bytes]) -> None:
         stored_before = counts(box.engine)
@@ -500,16 +523,7 @@ STREAM_CASES = [
 
 
 @pytest.mark.parametrize("case", STREAM_CASES, ids=lambda case: case.name)
-def test_known_streaming_failures_are_answered_401_or_400_never_a_500(
-    box: Box, case: StreamCase, request: pytest.FixtureRequest
-) -> None:
-    request.applymarker(
-        pytest.mark.xfail(
-            strict=True,
-            reason="known 500: a StreamFormatError raised while a body over 1 MiB streams (receiver.read_body) is "
-            "neither turned into a 400 nor held until the signature is checked; see the reliability report",
-        )
-    )
+def test_a_streamed_body_the_splitter_cannot_read_is_401_if_forged_else_400(box: Box, case: StreamCase) -> None:
     headers = wh.signed_headers(case.body, secret=wh.SECRET if case.signed else "not-the-secret")
 
     answer = box.client.post(URL, content=iter([case.body[:65536], case.body[65536:]]), headers=headers)
@@ -536,68 +550,47 @@ def test_audio_for_ids_that_name_paths_is_stored_inside_the_data_dir(box: Box) -
     assert not list(Path("/tmp").glob(f"{ESCAPE_MARK}*"))
 
 
-# --- known 500s, pinned until they are fixed -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KnownCase:
-    name: str
-    event: dict[str, Any]
-    fails_on: frozenset[str]  # the dialects on which it is a 500 today
+# --- values a column cannot hold -------------------------------------------------------------------------------------
 
 
 def _transcription(**data: Any) -> dict[str, Any]:
-    return wh.transcription("conv_known", **data)
+    return wh.transcription("conv_odd", **data)
 
 
 def _failure_with_reason(reason: str) -> dict[str, Any]:
-    event = wh.failure("conv_known")
+    event = wh.failure("conv_odd")
     event["data"]["failure_reason"] = reason
     return event
 
 
-BOTH = frozenset({"sqlite", "postgresql"})
-PG = frozenset({"postgresql"})
-KNOWN_CASES = [
-    KnownCase("start-time-beyond-bigint", _transcription(metadata={"start_time_unix_secs": 2**63}), BOTH),
-    KnownCase("start-time-1e30", _transcription(metadata={"start_time_unix_secs": 1e30}), BOTH),
-    KnownCase("agent-id-of-257-chars", _transcription(agent_id="a" * 257), PG),
-    KnownCase("user-id-of-1025-chars", _transcription(user_id="u" * 1025), PG),
-    KnownCase("call-successful-of-33-chars", _transcription(analysis={"call_successful": "s" * 33}), PG),
-    KnownCase("main-language-of-65-chars", _transcription(metadata={"main_language": "l" * 65}), PG),
-    KnownCase("nul-in-failure-reason", _failure_with_reason("busy\x00"), PG),
-    KnownCase("nul-in-transcript", _transcription(transcript=[{"role": "user", "message": "a\x00b"}]), PG),
-    KnownCase(
-        "nul-in-dynamic-variable-name",
-        _transcription(conversation_initiation_client_data={"dynamic_variables": {"a\x00": 1}}),
-        PG,
+# Each was a 500 once, on one database or both: a value passed on to a column that cannot hold it.
+ODD_VALUES = {
+    "start-time-beyond-bigint": _transcription(metadata={"start_time_unix_secs": 2**63}),
+    "start-time-1e30": _transcription(metadata={"start_time_unix_secs": 1e30}),
+    "agent-id-of-257-chars": _transcription(agent_id="a" * 257),
+    "user-id-of-1025-chars": _transcription(user_id="u" * 1025),
+    "call-successful-of-33-chars": _transcription(analysis={"call_successful": "s" * 33}),
+    "main-language-of-65-chars": _transcription(metadata={"main_language": "l" * 65}),
+    "nul-in-failure-reason": _failure_with_reason("busy\x00"),
+    "nul-in-transcript": _transcription(transcript=[{"role": "user", "message": "a\x00b"}]),
+    "nul-in-dynamic-variable-name": _transcription(
+        conversation_initiation_client_data={"dynamic_variables": {"a\x00": 1}}
     ),
-    KnownCase("nul-in-unknown-type", {"type": "future\x00event", "data": {}}, PG),
-]
+    "nul-in-unknown-type": {"type": "future\x00event", "data": {}},
+}
 
 
-@pytest.mark.parametrize("case", KNOWN_CASES, ids=lambda case: case.name)
-def test_known_hostile_values_are_refused_or_stored_never_a_500(
-    box: Box, case: KnownCase, request: pytest.FixtureRequest
-) -> None:
-    dialect = box.engine.dialect.name
-    if dialect in case.fails_on:
-        # Strict: once fixed, these pass and the run fails until this mark is removed.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known 500: events.py passes values the column cannot hold (beyond BIGINT, longer than "
-                "the VARCHAR, or a NUL PostgreSQL text cannot hold) to the database; see the reliability report",
-            )
-        )
-    body = orjson.dumps(case.event)
+@pytest.mark.parametrize("event", ODD_VALUES.values(), ids=list(ODD_VALUES))
+def test_values_no_column_can_hold_are_accepted_and_read_back_never_a_500(box: Box, event: dict[str, Any]) -> None:
+    body = orjson.dumps(event)
 
     answer = box.client.post(URL, content=body, headers=wh.signed_headers(body))
 
-    assert answer.status_code in (200, 400), answer.text
-    if answer.status_code == 200 and case.event["type"] in events.KNOWN_TYPES:
-        read = box.client.get("/v1/conversations/conv_known", headers={"Authorization": "Bearer test-token"})
+    assert answer.status_code == 200, answer.text
+    if event["type"] in events.KNOWN_TYPES:
+        read = box.client.get("/v1/conversations/conv_odd", headers={"Authorization": "Bearer test-token"})
         assert read.status_code == 200
+        assert "\x00" not in read.text and "\\u0000" not in read.text
 
 
 # --- over real HTTP ------------------------------------------------------------------------------------------------
@@ -681,16 +674,7 @@ def webhook_statuses(base_url: str) -> set[str]:
     }
 
 
-def test_a_sender_that_hangs_up_mid_body_stores_nothing_and_is_not_a_server_error(
-    box: Box, live: str, request: pytest.FixtureRequest
-) -> None:
-    request.applymarker(
-        pytest.mark.xfail(
-            strict=True,
-            reason="known: starlette's ClientDisconnect reaches the catch-all handler (errors.unexpected), so a "
-            "hang-up is logged with a traceback and counted as a 500 with outcome=error; see the reliability report",
-        )
-    )
+def test_a_sender_that_hangs_up_mid_body_stores_nothing_and_is_not_a_server_error(box: Box, live: str) -> None:
     assert raw_exchange(live, RAW_REQUESTS["content-length longer than the body"], hang_up=True) == b""
     deadline = time.monotonic() + 10
     while not webhook_statuses(live) and time.monotonic() < deadline:
