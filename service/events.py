@@ -56,7 +56,9 @@ def read_envelope(payload: Any) -> Envelope:
         data = {}
     conversation_id = data.get("conversation_id")
     if conversation_id is not None and not valid_conversation_id(conversation_id):
-        raise PayloadError("data.conversation_id is not a usable id")
+        if event_type in KNOWN_TYPES:
+            raise PayloadError("data.conversation_id is not a usable id")
+        conversation_id = None  # another type is only archived, never an error: keep it without the id
     if event_type in KNOWN_TYPES and conversation_id is None:
         raise PayloadError("body has no data.conversation_id")
     return Envelope(event_type, conversation_id, data)

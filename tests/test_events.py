@@ -71,3 +71,8 @@ def test_the_limits_are_the_models() -> None:
     assert events.LIMITS["agent_id"] == 256
     assert events.LIMITS["user_id"] == 1024
     assert events.LIMITS["status"] == 32
+
+
+def test_another_type_with_an_unusable_id_is_kept_without_it() -> None:
+    envelope = events.read_envelope({"type": "future_event", "data": {"conversation_id": "a\nb"}})
+    assert (envelope.type, envelope.conversation_id) == ("future_event", None)

@@ -218,6 +218,17 @@ def test_audio_and_transcription_in_either_order(
     ]
 
 
+def test_audio_base64_with_line_breaks_is_decoded_like_the_streamed_path(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    mp3 = b"ID3\x04" + bytes(range(256)) * 4
+    event = wh.audio("conv_wrapped", mp3)
+    text = event["data"]["full_audio"]
+    event["data"]["full_audio"] = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # MIME-style
+    assert post(client, event).json()["status"] == "accepted"
+    assert (settings.data_dir / str(record(engine, "conv_wrapped")["audio_path"])).read_bytes() == mp3
+
+
 def test_unsafe_conversation_id_cannot_escape_the_data_dir(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:
