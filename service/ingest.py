@@ -141,16 +141,20 @@ def _fold(stored: Mapping[str, dict[str, Any]], observations: Sequence[Observati
     return merged
 
 
+# Built once: constructing a statement cost more than running it on the webhook path.
+_LOCKED_RECORDS = (
+    sa.select(conversations)
+    .where(conversations.c.conversation_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(conversations.c.conversation_id)
+    .with_for_update()
+)
+
+
 def _locked_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The stored records among `ids`, locked for update in id order (so concurrent batches cannot deadlock)."""
     if not ids:
         return {}
-    rows = conn.execute(
-        sa.select(conversations)
-        .where(conversations.c.conversation_id.in_(ids))
-        .order_by(conversations.c.conversation_id)
-        .with_for_update()
-    ).mappings()
+    rows = conn.execute(_LOCKED_RECORDS, {"ids": list(ids)}).mappings()
     records = {}
     for row in rows:
         record = dict(row)
