@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
+from service import elevenlabs
 from service.config import Settings
 from service.db import create_engine
 from tests.support.databases import empty_tables, migrated_sqlite, postgres_database
@@ -53,3 +54,11 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         elevenlabs_api_key="test-api-key",
         _env_file=None,  # type: ignore[call-arg]
     )
+
+
+@pytest.fixture
+def tiny_retry_waits() -> Iterator[None]:
+    """The ElevenLabs client's retry waits shrink to milliseconds (its testing mode) for the test."""
+    elevenlabs.set_testing(True)
+    yield
+    elevenlabs.set_testing(False)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from service import elevenlabs
 from service.config import Settings
 from service.testing import FakeConversation, FakePlatform, Faults, WebhookSender, seed_conversations
 from service.web.app import create_app
@@ -21,11 +20,7 @@ AGENTS = ("agent_a", "agent_b")
 NOW = int(time.time())
 
 
-@pytest.fixture(autouse=True)
-def tiny_retry_waits() -> Iterator[None]:
-    elevenlabs.set_testing(True)
-    yield
-    elevenlabs.set_testing(False)
+pytestmark = pytest.mark.usefixtures("tiny_retry_waits")
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from service import elevenlabs
 from service.cli import app
 from service.config import Settings
 from service.db import transaction
@@ -27,11 +26,7 @@ KEY = "cli-key"
 NOW = int(time.time())
 
 
-@pytest.fixture(autouse=True)
-def tiny_retry_waits() -> Iterator[None]:
-    elevenlabs.set_testing(True)
-    yield
-    elevenlabs.set_testing(False)
+pytestmark = pytest.mark.usefixtures("tiny_retry_waits")
 
 
 @pytest.fixture

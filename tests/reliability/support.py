@@ -3,9 +3,7 @@ that read the stored state straight from the database and the data dir."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,8 +17,7 @@ from sqlalchemy.engine import Engine
 
 from service.ingest import conversations
 from service.signature import sign
-from tests.support.live import free_port
-from tests.support.process import ROOT
+from tests.support.process import serve_process
 from tests.support.webhooks import SECRET
 
 
@@ -62,23 +59,11 @@ def wait_until_ready(server: Server, timeout: float = 30) -> None:
 
 @contextmanager
 def serving(env: Mapping[str, str], log: Path, *args: str) -> Iterator[Server]:
-    """`python -m service serve` on a free port, its logs appended to `log`; stopped (or reaped) at the end."""
-    port = free_port()
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    with log.open("ab") as log_file:
-        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stderr=log_file)
-    server = Server(f"http://127.0.0.1:{port}", proc)
-    try:
+    """`python -m service serve` on a free port, its logs appended to `log`, once healthy; stopped (or reaped) after."""
+    with serve_process(env, *args, log=log) as (url, proc):
+        server = Server(url, proc)
         wait_until_ready(server)
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:

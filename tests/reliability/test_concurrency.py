@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service import elevenlabs, events
+from service import events
 from service.config import Settings
 from service.db import create_engine
 from service.merge import CONTENT_FIELDS, Source
@@ -41,11 +41,7 @@ FAULTS = Faults(drop=0.1, duplicate=0.3, reorder=0.3, seed=23)
 COMPARED = ("status", *CONTENT_FIELDS, "labels", "has_audio", "audio_path", "audio_bytes", "complete")
 
 
-@pytest.fixture(autouse=True)
-def tiny_retry_waits() -> Iterator[None]:
-    elevenlabs.set_testing(True)
-    yield
-    elevenlabs.set_testing(False)
+pytestmark = pytest.mark.usefixtures("tiny_retry_waits")
 
 
 @pytest.fixture

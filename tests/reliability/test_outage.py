@@ -18,7 +18,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service import elevenlabs
 from service.config import Settings
 from service.db import create_engine, is_sqlite
 from service.testing import FakeConversation, FakePlatform, seed_conversations
@@ -84,11 +83,7 @@ def outage(database_url: str) -> Iterator[Outage]:
         yield made
 
 
-@pytest.fixture(autouse=True)
-def tiny_retry_waits() -> Iterator[None]:
-    elevenlabs.set_testing(True)
-    yield
-    elevenlabs.set_testing(False)
+pytestmark = pytest.mark.usefixtures("tiny_retry_waits")
 
 
 @pytest.fixture

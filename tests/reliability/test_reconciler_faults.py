@@ -43,11 +43,9 @@ FIRST_RUN_UNTIL = NOW - 1800
 
 
 @pytest.fixture(autouse=True)
-def small_pages_and_tiny_retry_waits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def small_pages(monkeypatch: pytest.MonkeyPatch, tiny_retry_waits: None) -> None:
+    """Pages of a few conversations; every retry still happens, with millisecond waits."""
     monkeypatch.setattr(elevenlabs, "PAGE_SIZE", PAGE_SIZE)
-    elevenlabs.set_testing(True)  # every retry still happens, with millisecond waits
-    yield
-    elevenlabs.set_testing(False)
 
 
 @pytest.fixture

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,8 +29,8 @@ from service.signature import sign
 from service.web.app import create_app
 from tests.support import webhooks as wh
 from tests.support.databases import migrated_sqlite
-from tests.support.live import free_port, live_server
-from tests.support.process import wait_for_port
+from tests.support.live import live_server
+from tests.support.process import serve_process
 from tests.support.reconcile import Run, reconcile
 
 # Distinctive random values: any 12 characters of one of them found anywhere is a leak, not a coincidence.
@@ -100,22 +97,10 @@ class Served:
 @contextmanager
 def serve_with_logs(tmp_path: Path, env: dict[str, str]) -> Iterator[Served]:
     """`python -m service serve` as a child process whose standard error (its JSON logs) goes to a file."""
-    port = free_port()
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     # cwd is the test's own directory, so that no `.env` of the checkout is read.
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, **env}, stderr=log)
-        try:
-            wait_for_port(port, proc)
-            yield Served(f"http://127.0.0.1:{port}", log_path)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_process(env, log=log_path, cwd=tmp_path) as (url, _):
+        yield Served(url, log_path)
 
 
 def settings_for(tmp_path: Path, upstream_url: str) -> Settings:

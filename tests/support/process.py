@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from tests.support.live import free_port
@@ -29,18 +29,24 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30)
 
 
 @contextmanager
-def serve_process(env: Mapping[str, str], *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run `python -m service serve` on a free port with `env` added; yields (base URL, process)."""
+def serve_process(
+    env: Mapping[str, str], *args: str, log: Path | None = None, cwd: Path = ROOT
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `python -m service serve` on a free port with `env` added, its standard error appended to `log` (else
+    dropped); yields (base URL, process) once it listens, and stops it (or reaps it, if a test killed it) after."""
     port = free_port()
     command = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+    with ExitStack() as files:
+        stderr = files.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stderr=stderr)
     try:
         wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}", proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
