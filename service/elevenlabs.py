@@ -116,15 +116,16 @@ def _reason(response: httpx.Response, api_key: str) -> str:
     try:
         body: Any = response.json()
     except ValueError:
-        return _scrub(response.text or response.reason_phrase, api_key)[:MAX_REASON_CHARS]
+        return scrub_key(response.text or response.reason_phrase, api_key)[:MAX_REASON_CHARS]
     detail = body.get("detail", body) if isinstance(body, dict) else body
     if isinstance(detail, dict):
         detail = detail.get("message") or detail.get("status") or detail
     # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
-    return _scrub(str(detail), api_key)[:MAX_REASON_CHARS]
+    return scrub_key(str(detail), api_key)[:MAX_REASON_CHARS]
 
 
-def _scrub(text: str, api_key: str) -> str:
+def scrub_key(text: str, api_key: str) -> str:
+    """`text` with the API key replaced: for anything an upstream answer or error carries on to logs or answers."""
     return text.replace(api_key, "[api key]") if api_key else text
 
 
@@ -262,7 +263,7 @@ class ElevenLabsClient:
                         await response.aclose()
             except httpx.TransportError as exc:
                 if last:
-                    raise Unreachable(_scrub(f"{type(exc).__name__} on GET {path}: {exc}", self._api_key)) from exc
+                    raise Unreachable(scrub_key(f"{type(exc).__name__} on GET {path}: {exc}", self._api_key)) from exc
                 await self._back_off(attempt, None, f"{type(exc).__name__} on GET {path}")
                 continue
             status = response.status_code

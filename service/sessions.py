@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import Connection
 
 from service import events, ingest
+from service.elevenlabs import scrub_key
 from service.session_token import conversation_id_from_signed_url, conversation_id_from_token
 
 log = logging.getLogger("postcall.sessions")
@@ -201,10 +202,10 @@ async def _get(client: httpx.AsyncClient, path: str, params: dict[str, str], api
             UpstreamKind.UNAVAILABLE, f"ElevenLabs did not answer in time ({type(exc).__name__})"
         ) from None
     except httpx.TransportError as exc:
-        reason = _scrub(f"cannot reach ElevenLabs: {type(exc).__name__}: {exc}", key)
+        reason = scrub_key(f"cannot reach ElevenLabs: {type(exc).__name__}: {exc}", key)
         raise UpstreamError(UpstreamKind.UNAVAILABLE, reason) from None
     except httpx.HTTPError as exc:  # decoding errors, redirect loops: an answer we cannot use
-        raise UpstreamError(UpstreamKind.BAD_ANSWER, _scrub(f"{type(exc).__name__}: {exc}", key)) from None
+        raise UpstreamError(UpstreamKind.BAD_ANSWER, scrub_key(f"{type(exc).__name__}: {exc}", key)) from None
     if response.is_success:
         try:
             answer = response.json()
@@ -250,11 +251,7 @@ def upstream_reason(response: httpx.Response, key: str = "") -> str:
         detail = detail[0].get("msg")
     reason = detail if isinstance(detail, str) and detail.strip() else response.reason_phrase or "no reason given"
     # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
-    return _scrub(reason, key)[:MAX_REASON_CHARS]
-
-
-def _scrub(text: str, key: str) -> str:
-    return text.replace(key, "[api key]") if key else text
+    return scrub_key(reason, key)[:MAX_REASON_CHARS]
 
 
 _unrecognized_warned = False
