@@ -17,7 +17,7 @@ from service import ingest, sessions
 from service.blobs import BlobStore
 from service.config import Settings
 from service.db import StoreUnavailable, create_engine, transaction
-from service.receiver import Pace
+from service.receiver import DEFAULT_PACE, Pace
 from service.web import health, metrics, openapi, read_api, webhooks
 from service.web import sessions as web_sessions
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
@@ -32,7 +32,7 @@ def create_app(
     *,
     engine: Engine | None = None,
     clock: Callable[[], float] = time.time,
-    pace: Pace | None = None,
+    pace: Pace = DEFAULT_PACE,
 ) -> Starlette:
     """The whole HTTP service. `engine`, `clock` and `pace` are for tests; by default they come from settings,
     time and the receiver's default pace."""
@@ -53,7 +53,7 @@ def create_app(
             clock=clock,
             elevenlabs=elevenlabs,
             writer=writer,
-            pace=pace or Pace(),
+            pace=pace,
         )
         try:
             yield

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from service.blobs import BlobStore
 from service.config import Settings
 from service.db import transaction
-from service.receiver import Pace
+from service.receiver import DEFAULT_PACE, Pace
 from service.writer import BatchWriter
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ class AppState:
     clock: Callable[[], float] = field(default=time.time)
     elevenlabs: httpx.AsyncClient = field(kw_only=True)  # the session broker's client, closed by the lifespan
     writer: BatchWriter = field(kw_only=True)  # group commit for webhook deliveries, stopped by the lifespan
-    pace: Pace = field(default_factory=Pace, kw_only=True)  # how slowly a webhook body may arrive
+    pace: Pace = field(default=DEFAULT_PACE, kw_only=True)  # how slowly a webhook body may arrive
     webhook_secrets: list[bytes] = field(init=False)  # encoded once: every webhook needs them
 
     def __post_init__(self) -> None:
