@@ -15,6 +15,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from service.config import Settings
 from service.ingest import conversations
 from service.signature import sign
 from tests.support.process import serve_process
@@ -31,6 +32,17 @@ class Server:
     @property
     def webhook_url(self) -> str:
         return f"{self.url}/webhooks/elevenlabs"
+
+
+def settings_with_api_key(database_url: str, data_dir: Path, api_key: str) -> Settings:
+    """Settings for running `postcall reconcile` (and the app) against the fake platform."""
+    return Settings(
+        database_url=database_url,
+        webhook_secrets=SECRET,
+        data_dir=data_dir,
+        elevenlabs_api_key=api_key,
+        _env_file=None,  # type: ignore[call-arg]
+    )
 
 
 def server_env(database_url: str, data_dir: Path, **extra: str) -> dict[str, str]:

@@ -25,7 +25,15 @@ from service.merge import CONTENT_FIELDS, Source
 from service.testing import FakePlatform, Faults, WebhookSender, plan_deliveries, seed_conversations
 from service.testing.webhooks import Delivered
 from service.web.app import create_app
-from tests.reliability.support import Server, audio_mismatches, records, server_env, serving, wait_for
+from tests.reliability.support import (
+    Server,
+    audio_mismatches,
+    records,
+    server_env,
+    serving,
+    settings_with_api_key,
+    wait_for,
+)
 from tests.support.databases import migrated_sqlite
 from tests.support.live import live_server
 from tests.support.process import ROOT
@@ -59,19 +67,9 @@ def fake_url(platform: FakePlatform) -> Iterator[str]:
         yield url
 
 
-def settings_for(database_url: str, data_dir: Path) -> Settings:
-    return Settings(
-        database_url=database_url,
-        webhook_secrets=SECRET,
-        data_dir=data_dir,
-        elevenlabs_api_key=KEY,
-        _env_file=None,  # type: ignore[call-arg]
-    )
-
-
 def control(platform: FakePlatform, fake_url: str, tmp_path: Path) -> dict[str, dict[str, Any]]:
     """The records a single ordered delivery gives: every webhook once, in order, then one reconcile run."""
-    settings = settings_for(migrated_sqlite(str(tmp_path / "control.db")), tmp_path / "control-data")
+    settings = settings_with_api_key(migrated_sqlite(str(tmp_path / "control.db")), tmp_path / "control-data", KEY)
     with live_server(create_app(settings)) as url:
         _, answers = WebhookSender(f"{url}/webhooks/elevenlabs", SECRET).deliver(platform.events(audio=True))
     assert {answer.status for answer in answers} == {200}
@@ -115,7 +113,7 @@ def test_two_workers_and_a_reconcile_racing_over_the_same_conversations_give_one
 ) -> None:
     expected = control(platform, fake_url, tmp_path)
     plan = plan_deliveries(platform.events(audio=True), FAULTS)
-    settings = settings_for(database_url, tmp_path / "data")
+    settings = settings_with_api_key(database_url, tmp_path / "data", KEY)
     platform.latency = 0.1  # so the reconcile's fetches spread over the time the webhooks arrive
     platform.reset_calls()
 

@@ -9,16 +9,14 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy.engine import Engine
 
-from service.db import create_engine
 from tests.reliability.support import (
     Server,
     audio_mismatches,
@@ -142,15 +140,8 @@ async def crash_under_load(server: Server, deliveries: list[Delivery], data_dir:
     return tally
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
 def test_kill_9_under_load_loses_no_acknowledged_webhook_and_leaves_nothing_half_written(
-    database_url: str, store: Engine, tmp_path: Path
+    database_url: str, engine: Engine, tmp_path: Path
 ) -> None:
     run = uuid.uuid4().hex[:8]
     data_dir, log = tmp_path / "data", tmp_path / "serve.log"
@@ -167,15 +158,15 @@ def test_kill_9_under_load_loses_no_acknowledged_webhook_and_leaves_nothing_half
     assert left_by_crash, "no temp file was mid-write at the kill"
 
     with serving(env, log, "--no-migrate") as restarted:
-        stored = records(store)
-        report(store.dialect.name, tally, stored, left_by_crash)
+        stored = records(engine)
+        report(engine.dialect.name, tally, stored, left_by_crash)
         assert_acknowledged_are_stored(tally.acknowledged, stored, data_dir)
-        assert conversations_without_archived_event(store) == []
+        assert conversations_without_archived_event(engine) == []
         assert audio_mismatches(stored, data_dir) == []
         assert temp_files(data_dir) == []
         assert_unanswered_can_be_delivered_again(restarted, tally.unanswered)
 
-    assert {d.conversation_id for d in tally.sent} <= set(records(store))
+    assert {d.conversation_id for d in tally.sent} <= set(records(engine))
 
 
 def report(dialect: str, tally: Tally, stored: dict[str, dict[str, Any]], left_by_crash: list[str]) -> None:

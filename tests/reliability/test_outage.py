@@ -18,13 +18,19 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.config import Settings
-from service.db import create_engine, is_sqlite
+from service.db import is_sqlite
 from service.testing import FakeConversation, FakePlatform, seed_conversations
-from tests.reliability.support import Server, audio_mismatches, records, server_env, serving, signed
+from tests.reliability.support import (
+    Server,
+    audio_mismatches,
+    records,
+    server_env,
+    serving,
+    settings_with_api_key,
+    signed,
+)
 from tests.support.reconcile import reconcile
 from tests.support.tcp_proxy import TcpProxy
-from tests.support.webhooks import SECRET
 
 KEY = "outage-key"
 NOW = int(time.time())
@@ -98,13 +104,6 @@ def fake_url(platform: FakePlatform) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
 def webhooks_of(platform: FakePlatform, conversations: list[FakeConversation]) -> list[dict[str, Any]]:
     events = []
     for conversation in conversations:
@@ -133,7 +132,7 @@ def probe(server: Server, path: str) -> tuple[int, float]:
 
 
 def test_a_database_outage_is_answered_503_at_once_and_reconcile_fills_the_gap(
-    database_url: str, outage: Outage, platform: FakePlatform, fake_url: str, store: Engine, tmp_path: Path
+    database_url: str, outage: Outage, platform: FakePlatform, fake_url: str, engine: Engine, tmp_path: Path
 ) -> None:
     conversations = list(reversed(platform.all()))  # oldest call first, as the webhooks come
     before, during, after = (
@@ -156,7 +155,7 @@ def test_a_database_outage_is_answered_503_at_once_and_reconcile_fills_the_gap(
 
     seconds = [took for _, took in refused]
     print(
-        f"\n{store.dialect.name}: {len(refused)} webhooks during the outage answered "
+        f"\n{engine.dialect.name}: {len(refused)} webhooks during the outage answered "
         f"{sorted({status for status, _ in refused})} in {min(seconds):.3f}-{max(seconds):.3f} s "
         f"(median {statistics.median(seconds):.3f}); /readyz {readiness[0]} in {readiness[1]:.3f} s; "
         f"after it: {len(accepted)} webhooks answered {sorted({status for status, _ in accepted})}"
@@ -168,14 +167,14 @@ def test_a_database_outage_is_answered_503_at_once_and_reconcile_fills_the_gap(
     assert [status for status, _ in accepted] == [200] * len(accepted)
     assert ready_again[0] == 200
     missed = {c.conversation_id for c in during}
-    assert missed.isdisjoint(records(store)), "a refused delivery left something behind"
+    assert missed.isdisjoint(records(engine)), "a refused delivery left something behind"
 
-    run = reconcile(reconcile_settings(database_url, data_dir), fake_url, KEY, "--audio", "--json")
+    run = reconcile(settings_with_api_key(database_url, data_dir, KEY), fake_url, KEY, "--audio", "--json")
 
     assert run.exit_code == 0, run.stderr
     print(f"reconcile after the outage: {run.json}")
     assert run.json["details_fetched"] == len(missed)
-    assert_every_conversation_is_stored(platform, records(store), data_dir)
+    assert_every_conversation_is_stored(platform, records(engine), data_dir)
 
 
 def assert_every_conversation_is_stored(
@@ -188,13 +187,3 @@ def assert_every_conversation_is_stored(
         assert record["transcript"] == conversation.transcript(), conversation.conversation_id
         assert record["has_audio"] == conversation.has_audio, conversation.conversation_id
     assert audio_mismatches(stored, data_dir) == []
-
-
-def reconcile_settings(database_url: str, data_dir: Path) -> Settings:
-    return Settings(
-        database_url=database_url,
-        webhook_secrets=SECRET,
-        data_dir=data_dir,
-        elevenlabs_api_key=KEY,
-        _env_file=None,  # type: ignore[call-arg]
-    )
