@@ -152,8 +152,8 @@ def insert_many_ignoring_conflict(
 ) -> set[Any]:
     """Insert rows, skipping those whose `key` exists (or came earlier in `rows`); returns the keys inserted.
 
-    PostgreSQL: one INSERT … ON CONFLICT DO NOTHING RETURNING for the batch (SQLAlchemy's "insertmanyvalues");
-    RETURNING rather than rowcount, which psycopg does not report for ON CONFLICT DO NOTHING.
+    PostgreSQL: one INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING for the batch, its columns sent
+    as binary arrays; RETURNING rather than rowcount, which psycopg does not report for ON CONFLICT DO NOTHING.
     SQLite: every transaction holds the write lock from its start (BEGIN IMMEDIATE), so what is not there when we
     look cannot appear before we commit: one SELECT of the keys, then the driver's executemany. That skips
     building and binding one statement of rows x columns parameters, which showed as the largest share of the
@@ -163,12 +163,12 @@ def insert_many_ignoring_conflict(
         return set()
     if conn.dialect.name == "sqlite":
         return _sqlite_insert_new(conn, table, rows, key)
-    from sqlalchemy.dialects import postgresql
-
-    statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
-    if len(rows) == 1:
-        return {value for (value,) in conn.execute(statement.values(rows[0]))}
-    return {value for (value,) in conn.execute(statement, list(rows))}
+    sql, names, processors = _unnest_insert(conn.dialect, table, tuple(rows[0]), key)
+    columns = {
+        name: [row[name] if process is None else process(row[name]) for row in rows]
+        for name, process in zip(names, processors, strict=True)
+    }
+    return set(conn.exec_driver_sql(sql, columns).scalars())
 
 
 def _sqlite_insert_new(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], key: str) -> set[Any]:
@@ -189,6 +189,46 @@ def _sqlite_insert_new(conn: Connection, table: sa.Table, rows: Sequence[dict[st
         ]
         conn.exec_driver_sql(sql, values)
     return set(fresh)
+
+
+@functools.cache
+def _unnest_insert(
+    dialect: sa.Dialect, table: sa.Table, names: tuple[str, ...], key: str
+) -> tuple[str, tuple[str, ...], list[Any]]:
+    """`INSERT … SELECT FROM unnest(<one array per column>) ON CONFLICT DO NOTHING RETURNING key` for PostgreSQL.
+
+    The text is the same whatever the batch size, so psycopg parses it once and the server prepares it, where a
+    VALUES list of one row per delivery is new text for every batch size: parsing that text took a quarter of the
+    webhook writer's time. The arrays go in binary (`%b`): in text, psycopg escapes every quote of every
+    transcript with a regex, which cost more than everything else.
+    """
+    quote = dialect.identifier_preparer.quote
+    arrays = ", ".join(f"%({name})b::{_array_element(table.c[name].type, dialect)}[]" for name in names)
+    # Every identifier comes from the model, quoted; every value is a bound parameter.
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(map(quote, names))}) SELECT * FROM unnest({arrays}) "  # noqa: S608
+        f"ON CONFLICT ({quote(key)}) DO NOTHING RETURNING {quote(key)}"
+    )
+    processors = [_array_processor(table.c[name].type, dialect) for name in names]
+    return sql, names, processors
+
+
+def _array_processor(column_type: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> Any:
+    process = column_type.dialect_impl(dialect).bind_processor(dialect)
+    if process is None and isinstance(_underlying(column_type), sa.Float):
+        # psycopg refuses an array that mixes int and float: a duration of 3 and one of 2.5 must both be floats.
+        return lambda value: None if value is None else float(value)
+    return process
+
+
+def _array_element(column_type: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> str:
+    # Unbounded text: a cast to VARCHAR(n) would cut a long value short, where the insert itself refuses it.
+    return "TEXT" if isinstance(_underlying(column_type), sa.String) else column_type.compile(dialect=dialect)
+
+
+def _underlying(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    """The type a TypeDecorator (such as SQLModel's AutoString) stores as."""
+    return column_type.impl_instance if isinstance(column_type, sa.TypeDecorator) else column_type
 
 
 @functools.cache

@@ -100,3 +100,22 @@ def test_an_unreachable_database_fails_the_batch_with_store_unavailable() -> Non
 def test_a_writer_that_is_not_started_refuses_work(engine: Engine) -> None:
     with pytest.raises(RuntimeError):
         asyncio.run(BatchWriter(engine).record(delivery(b"x"), None))
+
+
+def test_a_batch_stores_any_mix_of_values_as_given(engine: Engine) -> None:
+    # One batch, whole-number and fractional durations, text that needs escaping, absent values: PostgreSQL gets
+    # each column as one array, and an array must not refuse or change any of these.
+    transcript = [{"role": "user", "message": 'a "quoted" \\ {brace}, NULL \u2028 é'}]
+    observations = [
+        detail("c1", "done", call_duration_secs=3, transcript=transcript, user_id='say "hi"'),
+        detail("c2", "done", call_duration_secs=2.5, transcript=None),
+        detail("c3", "processing"),
+    ]
+    changes = transaction(engine, lambda conn: ingest.apply_many(conn, observations, NOW))
+    assert changes == {"c1": ingest.Change.NEW, "c2": ingest.Change.NEW, "c3": ingest.Change.NEW}
+    with engine.connect() as conn:
+        c1, c2, c3 = (ingest.get_record(conn, cid) for cid in ("c1", "c2", "c3"))
+    assert c1 is not None and c1["call_duration_secs"] == 3.0 and c1["transcript"] == transcript
+    assert c1["user_id"] == 'say "hi"'
+    assert c2 is not None and c2["call_duration_secs"] == 2.5 and c2["transcript"] is None
+    assert c3 is not None and c3["status"] == "processing" and c3["call_duration_secs"] is None
