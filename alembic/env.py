@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlmodel import SQLModel
 
-import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import service.storage.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 from alembic import context
 from service.config import load_settings
-from service.db import create_engine
+from service.storage.db import create_engine
 
 target_metadata = SQLModel.metadata
 

@@ -46,8 +46,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def _migrate(settings: Settings) -> None:
-    from service.db import StoreUnavailable, create_engine
-    from service.migrations import upgrade
+    from service.storage.db import StoreUnavailable, create_engine
+    from service.storage.migrations import upgrade
 
     engine = create_engine(settings.database_url)
     try:
@@ -110,9 +110,9 @@ def send_test_webhook(
 
     import httpx
 
-    from service.samples import SampleType
-    from service.send_test_webhook import TIMEOUT_SECONDS
-    from service.send_test_webhook import send_test_webhook as send
+    from service.testing.samples import SampleType
+    from service.webhook.send_test import TIMEOUT_SECONDS
+    from service.webhook.send_test import send_test_webhook as send
 
     kinds = [kind.value for kind in SampleType]
     if type_ not in kinds:
@@ -141,10 +141,10 @@ def purge(
     """Retention: delete conversations (or only their audio) that started before a cutoff, in batches."""
     import time
 
-    from service import purge as retention
-    from service.blobs import BlobStore
-    from service.db import StoreUnavailable, create_engine
-    from service.windows import WindowError, parse_duration
+    from service.reconcile.windows import WindowError, parse_duration
+    from service.record import purge as retention
+    from service.storage.audio import BlobStore
+    from service.storage.db import StoreUnavailable, create_engine
 
     try:
         age = parse_duration(older_than)
@@ -185,9 +185,9 @@ def reconcile(
     """Backfill every conversation the webhooks missed: exit 0 all stored, 1 something failed, 3 lease held."""
     import time
 
-    from service.reconcile import Options
-    from service.reconcile_command import execute
-    from service.windows import WindowError, parse_instant
+    from service.reconcile.command import execute
+    from service.reconcile.reconciler import Options
+    from service.reconcile.windows import WindowError, parse_instant
 
     now = int(time.time())
     start = end = None

@@ -5,7 +5,7 @@
   protocol errors) are retried a bounded number of times with jittered exponential backoff. A `Retry-After`
   (seconds or an HTTP date) is honoured, and for everyone: after a 429 no request starts before it has passed.
 - Pages are async iterators that follow `next_cursor` while `has_more`, one page in memory at a time.
-- Answers are plain dicts: unknown fields are kept, never rejected (events.py reads what it knows).
+- Answers are plain dicts: unknown fields are kept, never rejected (record/payloads.py reads what it knows).
 
 Errors: ApiError(status, reason) for an answer that is not retried or still failing after the retries
 (NotFound for 404), Unreachable for transport errors after the retries. Both are ElevenLabsError.
@@ -27,8 +27,8 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from service.blobs import BlobStore, TempBlob
-from service.events import may_hold_nul, without_nul
+from service.record.payloads import may_hold_nul, without_nul
+from service.storage.audio import BlobStore, TempBlob
 
 log = logging.getLogger("postcall.elevenlabs")
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from service import elevenlabs
 from service.config import Settings
-from service.db import create_engine
+from service.storage.db import create_engine
 from tests.support.databases import empty_tables, migrated_sqlite, postgres_database
 from tests.support.webhooks import SECRET
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from service.db import create_engine
-from service.ingest import get_record
+from service.record.store import get_record
+from service.storage.db import create_engine
 from tests.support.audio_body import AudioBody
 from tests.support.databases import migrated_sqlite
 from tests.support.process import peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.audio_stream import AudioSplitter, Base64Decoder, StreamFormatError
+from service.webhook.audio_splitter import AudioSplitter, Base64Decoder, StreamFormatError
 
 
 def split(body: bytes, chunk_sizes: list[int]) -> tuple[bytes, bytes, bool]:

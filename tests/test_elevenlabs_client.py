@@ -13,8 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from service.blobs import BlobStore
 from service.elevenlabs import ApiError, ElevenLabsClient, NotFound, RetryPolicy, Unreachable, retry_after_seconds
+from service.storage.audio import BlobStore
 from service.testing import FakePlatform, seed_conversations
 from tests.support.live import free_port
 

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import events
-from service.merge import Source
+from service.record import payloads
+from service.record.merge import Source
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 JSON = st.recursive(
@@ -32,16 +32,16 @@ def strings_of(value: Any) -> list[str]:
 
 @given(JSON)
 def test_no_nul_survives_and_nothing_else_changes(value: Any) -> None:
-    cleaned = events.without_nul(value)
+    cleaned = payloads.without_nul(value)
     assert all("\x00" not in s for s in strings_of(cleaned))
     if not any("\x00" in s for s in strings_of(value)):
         assert cleaned == value
-    assert events.may_hold_nul(json.dumps(value).encode()) == any("\x00" in s for s in strings_of(value))
+    assert payloads.may_hold_nul(json.dumps(value).encode()) == any("\x00" in s for s in strings_of(value))
 
 
 def test_an_id_that_held_a_nul_is_not_an_id() -> None:
-    assert not events.valid_conversation_id(events.without_nul("conv_\x00"))
-    assert events.valid_conversation_id("conv_01jx9q2m3n4p5r6s7t8v9w0xyz")
+    assert not payloads.valid_conversation_id(payloads.without_nul("conv_\x00"))
+    assert payloads.valid_conversation_id("conv_01jx9q2m3n4p5r6s7t8v9w0xyz")
 
 
 def test_values_a_column_cannot_hold_read_as_absent() -> None:
@@ -53,26 +53,26 @@ def test_values_a_column_cannot_hold_read_as_absent() -> None:
         "metadata": {"start_time_unix_secs": 2**63, "main_language": "l" * 65},
         "analysis": {"call_successful": "s" * 33},
     }
-    fields = events.detail_observation(data, Source.DETAIL, AT).fields
+    fields = payloads.detail_observation(data, Source.DETAIL, AT).fields
     assert fields["agent_id"] is None
     assert fields["user_id"] == "u" * 1024  # exactly the column's length is kept
     assert fields["start_time_unix_secs"] is None
     assert fields["main_language"] is None
     assert fields["call_successful"] is None
     assert (
-        events.detail_observation({**data, "metadata": {"start_time_unix_secs": 2**63 - 1}}, Source.DETAIL, AT).fields[
-            "start_time_unix_secs"
-        ]
+        payloads.detail_observation(
+            {**data, "metadata": {"start_time_unix_secs": 2**63 - 1}}, Source.DETAIL, AT
+        ).fields["start_time_unix_secs"]
         == 2**63 - 1
     )
 
 
 def test_the_limits_are_the_models() -> None:
-    assert events.LIMITS["agent_id"] == 256
-    assert events.LIMITS["user_id"] == 1024
-    assert events.LIMITS["status"] == 32
+    assert payloads.LIMITS["agent_id"] == 256
+    assert payloads.LIMITS["user_id"] == 1024
+    assert payloads.LIMITS["status"] == 32
 
 
 def test_another_type_with_an_unusable_id_is_kept_without_it() -> None:
-    envelope = events.read_envelope({"type": "future_event", "data": {"conversation_id": "a\nb"}})
+    envelope = payloads.read_envelope({"type": "future_event", "data": {"conversation_id": "a\nb"}})
     assert (envelope.type, envelope.conversation_id) == ("future_event", None)

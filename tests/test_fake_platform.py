@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from service.session_token import conversation_id_from_signed_url, conversation_id_from_token, token_claims
+from service.broker.token import conversation_id_from_signed_url, conversation_id_from_token, token_claims
 from service.testing import FakeConversation, FakePlatform, Faults, plan_deliveries, seed_conversations
 
 KEY = "fake-key"

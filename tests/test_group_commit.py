@@ -9,16 +9,16 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.engine import Engine
 
-from service import ingest
-from service.db import StoreUnavailable, create_engine, transaction
-from service.merge import Audio, Observation, Source
-from service.writer import BatchWriter
+from service.record import store
+from service.record.merge import Audio, Observation, Source
+from service.storage.db import StoreUnavailable, create_engine, transaction
+from service.webhook.writer import BatchWriter
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-def delivery(body: bytes, conversation_id: str | None = "c1", kind: str = "post_call_transcription") -> ingest.Delivery:
-    return ingest.Delivery(hashlib.sha256(body).hexdigest(), kind, conversation_id, NOW, len(body), body)
+def delivery(body: bytes, conversation_id: str | None = "c1", kind: str = "post_call_transcription") -> store.Delivery:
+    return store.Delivery(hashlib.sha256(body).hexdigest(), kind, conversation_id, NOW, len(body), body)
 
 
 def detail(conversation_id: str, status: str, **fields: object) -> Observation:
@@ -33,28 +33,28 @@ def test_a_batch_keeps_order_duplicates_and_merges(engine: Engine) -> None:
         (delivery(b"c", None, "new_kind"), None),
         (delivery(b"d", "c2"), detail("c2", "done")),
     ]
-    outcomes = transaction(engine, lambda conn: ingest.record_deliveries(conn, items))
+    outcomes = transaction(engine, lambda conn: store.record_deliveries(conn, items))
     assert outcomes == ["accepted", "duplicate", "accepted", "ignored", "accepted"]
     with engine.connect() as conn:
-        c1 = ingest.get_record(conn, "c1")
+        c1 = store.get_record(conn, "c1")
         archived = conn.exec_driver_sql("SELECT count(*) FROM webhook_event").scalar_one()
     assert c1 is not None and c1["status"] == "done" and c1["user_id"] == "u1" and c1["call_duration_secs"] == 5.0
     assert archived == 4
     # Replaying the whole batch changes nothing.
-    again = transaction(engine, lambda conn: ingest.record_deliveries(conn, items))
+    again = transaction(engine, lambda conn: store.record_deliveries(conn, items))
     assert again == ["duplicate"] * 5
 
 
 def test_apply_many_updates_existing_records(engine: Engine) -> None:
-    transaction(engine, lambda conn: ingest.apply(conn, detail("c1", "processing"), NOW))
+    transaction(engine, lambda conn: store.apply(conn, detail("c1", "processing"), NOW))
     audio = Observation("c1", Source.AUDIO_WEBHOOK, NOW, None, {}, audio=Audio("audio/c1.mp3", 3))
-    changes = transaction(engine, lambda conn: ingest.apply_many(conn, [detail("c1", "done"), audio], NOW))
-    assert changes == {"c1": ingest.Change.UPDATED}
-    unchanged = transaction(engine, lambda conn: ingest.apply(conn, detail("c1", "done"), NOW))
-    assert unchanged == ingest.Change.UNCHANGED
+    changes = transaction(engine, lambda conn: store.apply_many(conn, [detail("c1", "done"), audio], NOW))
+    assert changes == {"c1": store.Change.UPDATED}
+    unchanged = transaction(engine, lambda conn: store.apply(conn, detail("c1", "done"), NOW))
+    assert unchanged == store.Change.UNCHANGED
 
 
-async def record_all(writer: BatchWriter, items: list[tuple[ingest.Delivery, Observation | None]]) -> list[object]:
+async def record_all(writer: BatchWriter, items: list[tuple[store.Delivery, Observation | None]]) -> list[object]:
     return await asyncio.gather(*(writer.record(d, o) for d, o in items), return_exceptions=True)
 
 
@@ -111,10 +111,10 @@ def test_a_batch_stores_any_mix_of_values_as_given(engine: Engine) -> None:
         detail("c2", "done", call_duration_secs=2.5, transcript=None),
         detail("c3", "processing"),
     ]
-    changes = transaction(engine, lambda conn: ingest.apply_many(conn, observations, NOW))
-    assert changes == {"c1": ingest.Change.NEW, "c2": ingest.Change.NEW, "c3": ingest.Change.NEW}
+    changes = transaction(engine, lambda conn: store.apply_many(conn, observations, NOW))
+    assert changes == {"c1": store.Change.NEW, "c2": store.Change.NEW, "c3": store.Change.NEW}
     with engine.connect() as conn:
-        c1, c2, c3 = (ingest.get_record(conn, cid) for cid in ("c1", "c2", "c3"))
+        c1, c2, c3 = (store.get_record(conn, cid) for cid in ("c1", "c2", "c3"))
     assert c1 is not None and c1["call_duration_secs"] == 3.0 and c1["transcript"] == transcript
     assert c1["user_id"] == 'say "hi"'
     assert c2 is not None and c2["call_duration_secs"] == 2.5 and c2["transcript"] is None

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.merge import Audio, Observation, Source, merge
+from service.record.merge import Audio, Observation, Source, merge
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

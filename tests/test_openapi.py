@@ -14,10 +14,10 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from service.api.auth import requires_bearer
+from service.api.openapi import UNDOCUMENTED, openapi_path
 from service.config import Settings
 from service.web.app import create_app
-from service.web.auth import requires_bearer
-from service.web.openapi import UNDOCUMENTED, openapi_path
 from tests.support import records
 
 AUTH = {"Authorization": "Bearer test-token"}

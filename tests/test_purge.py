@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy.engine import Connection, Engine
 from typer.testing import CliRunner, Result
 
-from service import ingest
-from service.blobs import BlobStore
 from service.cli import app
 from service.config import Settings
-from service.db import transaction
-from service.merge import Observation, Source
-from service.purge import Cutoff, PurgeReport, count, purge
+from service.record import store
+from service.record.merge import Observation, Source
+from service.record.purge import Cutoff, PurgeReport, count, purge
+from service.storage.audio import BlobStore
+from service.storage.db import transaction
 from tests.support import records
 
 DAY = 86400
@@ -43,7 +43,7 @@ def unstarted(conversation_id: str, days_ago: int) -> Observation:
 
 
 def archive_delivery(conn: Connection, conversation_id: str | None, body: bytes) -> None:
-    delivery = ingest.Delivery(
+    delivery = store.Delivery(
         body_sha256=hashlib.sha256(body).hexdigest(),
         event_type="post_call_transcription" if conversation_id else "some_future_event",
         conversation_id=conversation_id,
@@ -51,7 +51,7 @@ def archive_delivery(conn: Connection, conversation_id: str | None, body: bytes)
         body_bytes=len(body),
         body=body,
     )
-    ingest.archive(conn, delivery)
+    store.archive(conn, delivery)
 
 
 def seed(engine: Engine, data_dir: Path) -> None:
@@ -89,7 +89,7 @@ def audio_files(data_dir: Path) -> set[str]:
 
 def record(engine: Engine, conversation_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
-        found = ingest.get_record(conn, conversation_id)
+        found = store.get_record(conn, conversation_id)
     assert found is not None
     return found
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.queries import (
+from service.api.query_params import (
     DEFAULT_LIMIT,
     ConversationFilter,
     Cursor,

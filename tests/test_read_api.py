@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
+from service.api.reads import RECORD_FIELDS
 from service.config import Settings
-from service.merge import Source
-from service.reads import RECORD_FIELDS
+from service.record.merge import Source
 from service.web.app import create_app
 from tests.support import records
 

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
+from service.api.routes import ByteRange, RangeNotSatisfiable, requested_range
 from service.config import Settings
 from service.web.app import create_app
-from service.web.read_api import ByteRange, RangeNotSatisfiable, requested_range
 from tests.support import records
 
 AUTH = {"Authorization": "Bearer test-token"}

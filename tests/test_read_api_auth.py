@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from service.api.auth import ApiDisabled, Unauthorized, check_bearer
 from service.config import Settings
-from service.db import create_engine
-from service.migrations import upgrade
+from service.storage.db import create_engine
+from service.storage.migrations import upgrade
 from service.web.app import create_app
-from service.web.auth import ApiDisabled, Unauthorized, check_bearer
 
 READ_URLS = ["/v1/conversations", "/v1/conversations/conv_1", "/v1/conversations/conv_1/audio", "/v1/reconcile/runs"]
 OPEN_URLS = ["/healthz", "/readyz", "/metrics", "/openapi.json"]

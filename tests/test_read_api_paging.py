@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
 from service.config import Settings
-from service.merge import Observation
+from service.record.merge import Observation
 from service.web.app import create_app
 from tests.support import records
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.config import Settings
-from service.db import transaction
-from service.reconcile import acquire_lease
+from service.reconcile.reconciler import acquire_lease
+from service.storage.db import transaction
 from service.testing import FakePlatform, seed_conversations
 from tests.support.process import ROOT
 from tests.support.reconcile import cli_env, reconcile, rows

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.session_token import (
+from service.broker.token import (
     conversation_id_from_room,
     conversation_id_from_signed_url,
     conversation_id_from_token,

@@ -22,9 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service import sessions
+from service.broker import sessions
 from service.config import Settings
-from service.ingest import get_record
+from service.record.store import get_record
 from service.testing import FakePlatform, WebhookSender
 from service.web.app import create_app
 from tests.support import webhooks as wh

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.signature import SignatureError, check_timestamp, parse_header, sign, verify
+from service.webhook.signature import SignatureError, check_timestamp, parse_header, sign, verify
 
 NOW = 1_760_000_000
 BODY = b'{"type": "post_call_transcription"}'
@@ -96,7 +96,7 @@ def test_parser_on_header_shaped_noise(header: str) -> None:
 
 @given(body=st.binary(max_size=512), secret=st.binary(min_size=1, max_size=64), chunk=st.integers(1, 64))
 def test_incremental_verification_equals_whole_body(body: bytes, secret: bytes, chunk: int) -> None:
-    from service.signature import BodyVerifier
+    from service.webhook.signature import BodyVerifier
 
     verifier = BodyVerifier(parse_header(sign(body, secret, NOW)), [secret])
     for start in range(0, len(body), chunk):

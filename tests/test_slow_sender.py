@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sqlalchemy.engine import Engine
 
-from service.blobs import BlobStore
 from service.config import Settings
-from service.receiver import BodyTooSlow, Pace, read_body
-from service.signature import parse_header
+from service.storage.audio import BlobStore
 from service.web.app import create_app
+from service.webhook.body import BodyTooSlow, Pace, read_body
+from service.webhook.signature import parse_header
 from tests.support import webhooks as wh
 from tests.support.live import live_server
 

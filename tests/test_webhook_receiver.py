@@ -12,9 +12,9 @@ from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
 from service.config import Settings
-from service.ingest import get_record
-from service.signature import sign
+from service.record.store import get_record
 from service.web.app import create_app
+from service.webhook.signature import sign
 from tests.support import webhooks as wh
 
 URL = "/webhooks/elevenlabs"
@@ -242,7 +242,7 @@ def test_unsafe_conversation_id_cannot_escape_the_data_dir(
 def test_database_unavailable_is_503_without_crashing(settings: Settings, tmp_path: Path) -> None:
     broken = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/missing-dir/none/x.db"})
     (tmp_path / "missing-dir").write_text("a file where a directory should be")
-    from service.db import create_engine
+    from service.storage.db import create_engine
 
     engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
     with TestClient(create_app(broken, engine=engine)) as client:

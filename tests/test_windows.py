@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.windows import (
+from service.reconcile.windows import (
     DEFAULT_OVERLAP_SECONDS,
     FIRST_RUN_LOOKBACK_SECONDS,
     PENDING_HORIZON_SECONDS,

@@ -12,7 +12,7 @@ import sqlmodel
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import service.models
+import service.storage.tables
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -44,32 +44,32 @@ def upgrade() -> None:
     sa.Column('audio_path', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=True),
     sa.Column('audio_bytes', sa.BigInteger(), nullable=True),
     sa.Column('first_seen_via', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
-    sa.Column('first_seen_at', service.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('webhook_received_at', service.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('audio_received_at', service.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('reconciled_at', service.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('first_seen_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('webhook_received_at', service.storage.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('audio_received_at', service.storage.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('reconciled_at', service.storage.tables.UTCDateTime(timezone=True), nullable=True),
     sa.Column('complete', sa.Boolean(), nullable=False),
     sa.Column('data_rank', sa.Integer(), nullable=False),
-    sa.Column('updated_at', service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('conversation_id')
     )
     op.create_table('reconcile_checkpoint',
     sa.Column('agent_id', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
     sa.Column('checkpoint_unix', sa.BigInteger(), nullable=False),
-    sa.Column('updated_at', service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('agent_id')
     )
     op.create_table('reconcile_lease',
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('holder', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
-    sa.Column('acquired_at', service.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('acquired_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('name')
     )
     op.create_table('reconcile_run',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('started_at', service.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', service.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('started_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', service.storage.tables.UTCDateTime(timezone=True), nullable=True),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('holder', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
     sa.Column('dry_run', sa.Boolean(), nullable=False),
@@ -93,7 +93,7 @@ def upgrade() -> None:
     sa.Column('body_sha256', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('event_type', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('conversation_id', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=True),
-    sa.Column('received_at', service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_at', service.storage.tables.UTCDateTime(timezone=True), nullable=False),
     sa.Column('body_bytes', sa.BigInteger(), nullable=False),
     sa.Column('body', sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint('id'),

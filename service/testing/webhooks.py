@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
-from service.signature import sign
+from service.webhook.signature import sign
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,20 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
-from service import ingest, sessions
-from service.blobs import BlobStore
+from service.api import openapi
+from service.api import routes as api_routes
+from service.broker import routes as broker_routes
+from service.broker import sessions
 from service.config import Settings
-from service.db import StoreUnavailable, create_engine, transaction
-from service.receiver import DEFAULT_PACE, Pace
-from service.web import health, metrics, openapi, read_api, webhooks
-from service.web import sessions as web_sessions
+from service.record import store
+from service.storage.audio import BlobStore
+from service.storage.db import StoreUnavailable, create_engine, transaction
+from service.web import health, metrics
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
-from service.writer import BatchWriter
+from service.webhook import routes as webhook_routes
+from service.webhook.body import DEFAULT_PACE, Pace
+from service.webhook.writer import BatchWriter
 
 log = logging.getLogger("postcall.app")
 
@@ -64,16 +68,16 @@ def create_app(
                 db.dispose()
 
     routes: list[BaseRoute] = [
-        *webhooks.routes(),
-        *web_sessions.routes(),
-        *read_api.routes(),
+        *webhook_routes.routes(),
+        *broker_routes.routes(),
+        *api_routes.routes(),
         *health.routes(),
         *metrics.routes(),
         *openapi.routes(),
     ]
     # Per app, never prometheus' global registry: tests build many apps in one process.
     app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
-    webhook_paths = frozenset(route.path for route in webhooks.routes() if isinstance(route, Route))
+    webhook_paths = frozenset(route.path for route in webhook_routes.routes() if isinstance(route, Route))
     app = Starlette(
         routes=routes,
         middleware=[Middleware(metrics.MetricsMiddleware, metrics=app_metrics, webhook_paths=webhook_paths)],
@@ -88,7 +92,7 @@ def _tidy_data_dir(blobs: BlobStore, engine: Engine) -> None:
     """Undo what writers that crashed left in the data dir: audio put in place by a transaction that never
     committed, then temp files nobody is writing any more."""
     try:
-        blobs.settle_claims(lambda relpath: transaction(engine, lambda conn: ingest.audio_is_claimed(conn, relpath)))
+        blobs.settle_claims(lambda relpath: transaction(engine, lambda conn: store.audio_is_claimed(conn, relpath)))
     except StoreUnavailable as exc:
         log.warning("audio of interrupted writes left for the next start: database unavailable (%s)", exc)
     blobs.clean_temp()

@@ -8,14 +8,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from service.db import StoreUnavailable
-from service.events import PayloadError
-from service.queries import QueryError
-from service.receiver import BodyTooLarge, BodyTooSlow
-from service.sessions import BrokerNotConfigured, InvalidSessionRequest, UpstreamError, UpstreamKind
-from service.signature import SignatureError
-from service.web.auth import ApiDisabled, Unauthorized
-from service.web.read_api import NotFound, RangeNotSatisfiable
+from service.api.auth import ApiDisabled, Unauthorized
+from service.api.query_params import QueryError
+from service.api.routes import NotFound, RangeNotSatisfiable
+from service.broker.sessions import BrokerNotConfigured, InvalidSessionRequest, UpstreamError, UpstreamKind
+from service.record.payloads import PayloadError
+from service.storage.db import StoreUnavailable
+from service.webhook.body import BodyTooLarge, BodyTooSlow
+from service.webhook.signature import SignatureError
 
 log = logging.getLogger("postcall.web")
 

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.db import StoreUnavailable, ping
+from service.storage.db import StoreUnavailable, ping
 from service.web.state import app_state
 
 READY_TIMEOUT_SECONDS = 2.0

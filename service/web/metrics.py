@@ -23,10 +23,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import events
-from service.db import StoreUnavailable, unavailable_as_store_error
-from service.models import ReconcileRun
-from service.reads import count_conversations
+from service.api.reads import count_conversations
+from service.record import payloads
+from service.storage.db import StoreUnavailable, unavailable_as_store_error
+from service.storage.tables import ReconcileRun
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED_ROUTE = "unmatched"
@@ -48,7 +48,7 @@ reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 def webhook_type_label(payload: Any) -> str:
     """The event type as a label: one of the known types or "other", so senders cannot grow the series."""
     event_type = payload.get("type") if isinstance(payload, Mapping) else None
-    return event_type if event_type in events.KNOWN_TYPES else "other"
+    return event_type if event_type in payloads.KNOWN_TYPES else "other"
 
 
 class Metrics:

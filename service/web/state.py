@@ -12,11 +12,11 @@ import httpx
 from sqlalchemy.engine import Connection, Engine
 from starlette.requests import Request
 
-from service.blobs import BlobStore
 from service.config import Settings
-from service.db import transaction
-from service.receiver import DEFAULT_PACE, Pace
-from service.writer import BatchWriter
+from service.storage.audio import BlobStore
+from service.storage.db import transaction
+from service.webhook.body import DEFAULT_PACE, Pace
+from service.webhook.writer import BatchWriter
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.signature import SignatureError, verify
+from service.webhook.signature import SignatureError, verify
 
 
 def build() -> Starlette:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from service.signature import sign
+from service.webhook.signature import sign
 from tests.support.databases import migrated_sqlite, postgres_database
 from tests.support.live import free_port
 from tests.support.process import ROOT, wait_for_port

@@ -1,12 +1,12 @@
 """Read API benchmark: 1,000,000 conversations in PostgreSQL and in SQLite; p50/p99 of a filtered first page and
-of deep cursor pages, through the real query code (`service.reads`) and through HTTP (uvicorn + httpx).
+of deep cursor pages, through the real query code (`service.api.reads`) and through HTTP (uvicorn + httpx).
 
     uv run python -m tests.bench.read_api [--rows 1000000] [--runs 300] [--scan-runs 20] [--only postgresql|sqlite]
 
 PostgreSQL: a throw-away database on POSTCALL_TEST_PG_URL's server (default postgres@127.0.0.1:5432), loaded with
 COPY. SQLite: a file under /tmp, loaded with multi-row INSERTs in one transaction. Both migrated to head first, so
-the indexes are the ones migration 0002 creates. Rows are written directly (not through ingest) because a
-benchmark needs a million of them in a minute; their shape is what ingest stores.
+the indexes are the ones migration 0002 creates. Rows are written directly (not through record.store) because a
+benchmark needs a million of them in a minute; their shape is what record.store stores.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from service.api.query_params import Cursor, encode_cursor, parse_filter
+from service.api.reads import list_conversations
 from service.config import Settings
-from service.db import create_engine
-from service.migrations import upgrade
-from service.queries import Cursor, encode_cursor, parse_filter
-from service.reads import list_conversations
+from service.storage.db import create_engine
+from service.storage.migrations import upgrade
 from service.web.app import create_app
 from tests.support.databases import PG_ADMIN_URL
 from tests.support.live import live_server

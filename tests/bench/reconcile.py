@@ -46,10 +46,10 @@ def run_once(count: int, database_url: str, base_url: str, concurrency: int) -> 
     """Child process: one reconcile run; prints its figures as JSON."""
     import anyio
 
-    from service.blobs import BlobStore
-    from service.db import create_engine
     from service.elevenlabs import ElevenLabsClient
-    from service.reconcile import Options, Reconciler
+    from service.reconcile.reconciler import Options, Reconciler
+    from service.storage.audio import BlobStore
+    from service.storage.db import create_engine
     from tests.support.process import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     engine = create_engine(database_url)

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from service.config import Settings
-from service.ingest import conversations
-from service.signature import sign
+from service.record.store import conversations
+from service.webhook.signature import sign
 from tests.support.process import serve_process
 from tests.support.webhooks import SECRET
 

@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service import events
 from service.config import Settings
-from service.db import create_engine
-from service.merge import CONTENT_FIELDS, Source
+from service.record import payloads
+from service.record.merge import CONTENT_FIELDS, Source
+from service.storage.db import create_engine
 from service.testing import FakePlatform, Faults, WebhookSender, plan_deliveries, seed_conversations
 from service.testing.webhooks import Delivered
 from service.web.app import create_app
@@ -165,12 +165,12 @@ def test_a_failed_conversation_ends_the_same_whichever_of_its_failure_webhook_an
     failed.status = "failed"
     webhook = platform.failure_event(failed.conversation_id)["data"]
     ordered, raced = failed.conversation_id, failed.conversation_id + "_raced"
-    store(engine, [events.failure_observation(webhook, AT)])  # in order: the reconciler then skips it, complete
+    store(engine, [payloads.failure_observation(webhook, AT)])  # in order: the reconciler then skips it, complete
     store(
         engine,
         [
-            events.failure_observation({**webhook, "conversation_id": raced}, AT),
-            events.detail_observation({**failed.detail(), "conversation_id": raced}, Source.DETAIL, AT),
+            payloads.failure_observation({**webhook, "conversation_id": raced}, AT),
+            payloads.detail_observation({**failed.detail(), "conversation_id": raced}, Source.DETAIL, AT),
         ],
     )
     by_id = records(engine)

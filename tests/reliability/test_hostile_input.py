@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
-from service import events
+from service.api.query_params import JsonMatch
 from service.config import Settings
-from service.queries import JsonMatch
-from service.receiver import Pace
-from service.signature import sign
+from service.record import payloads
 from service.web.app import create_app
+from service.webhook.body import Pace
+from service.webhook.signature import sign
 from tests.support import records
 from tests.support import webhooks as wh
 from tests.support.live import live_server
@@ -58,7 +58,7 @@ def usable_id(value: Any) -> bool:
     anything is stored, is refused too: an id that held a NUL is not an id."""
     return (
         isinstance(value, str)
-        and 0 < len(value) <= events.MAX_ID_LENGTH
+        and 0 < len(value) <= payloads.MAX_ID_LENGTH
         and value.isprintable()
         and "\ufffd" not in value
     )
@@ -118,7 +118,7 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
     max_leaves=12,
 )
-EVENT_TYPES = st.one_of(st.sampled_from(sorted(events.KNOWN_TYPES)), TEXT, SCALARS)
+EVENT_TYPES = st.one_of(st.sampled_from(sorted(payloads.KNOWN_TYPES)), TEXT, SCALARS)
 AUDIO = st.one_of(
     st.binary(min_size=1, max_size=300).map(lambda raw: base64.b64encode(raw).decode()),
     st.sampled_from(["", "not base64!", "====", "QUJD\n", "QU JD", "QUJ", "QQ=="]),
@@ -170,7 +170,7 @@ USABLE_IDS = st.one_of(
 )
 READABLE_EVENTS = st.fixed_dictionaries(
     {
-        "type": st.sampled_from([events.TRANSCRIPTION, events.TRANSCRIPTION, events.AUDIO, events.FAILURE]),
+        "type": st.sampled_from([payloads.TRANSCRIPTION, payloads.TRANSCRIPTION, payloads.AUDIO, payloads.FAILURE]),
         "data": st.builds(_data, USABLE_IDS, FIELDS, AUDIO, st.none() | JSON_VALUES),
     }
 )
@@ -282,7 +282,7 @@ def large_bodies(draw: st.DrawFn) -> bytes:
         "transcript": head + b',"transcript":[{"message":"' + text.encode() + b'"}]}',
     }[place]
     top = b"," + member if place == "top level" else b""
-    event_type = draw(st.one_of(st.just(events.AUDIO), st.just(events.AUDIO), EVENT_TYPES))
+    event_type = draw(st.one_of(st.just(payloads.AUDIO), st.just(payloads.AUDIO), EVENT_TYPES))
     body = b'{"type":' + orjson.dumps(event_type) + top + b',"data":' + data + b"}"
     cut = draw(st.sampled_from([False, False, False, True]))
     return body[: draw(st.integers(len(body) // 2, len(body) - 1))] if cut else body
@@ -314,14 +314,14 @@ def promised_statuses(body: bytes) -> frozenset[int]:
         return frozenset({400})
     data = payload.get("data")
     conversation_id = data.get("conversation_id") if isinstance(data, dict) else None
-    if payload["type"] not in events.KNOWN_TYPES:
+    if payload["type"] not in payloads.KNOWN_TYPES:
         # PRODUCT.md: another type is archived and answered 200, "never an error". postcall refuses one whose
         # data.conversation_id is present but unusable (400); the contract does not settle that case.
         return frozenset({200}) if conversation_id is None or usable_id(conversation_id) else frozenset({200, 400})
     if not usable_id(conversation_id):
         return frozenset({400})  # lacks a (usable) data.conversation_id
     assert isinstance(data, dict)
-    if payload["type"] == events.AUDIO and not valid_base64(data.get("full_audio")):
+    if payload["type"] == payloads.AUDIO and not valid_base64(data.get("full_audio")):
         audio = data.get("full_audio")
         if isinstance(audio, str) and valid_base64(audio.translate(LINE_BREAKS)):
             return frozenset({200, 400})  # base64 with line breaks: the streamed path skips them, the small refuses
@@ -435,7 +435,7 @@ def assert_recorded(box: Box, body: bytes, answer: dict[str, Any]) -> None:
     payload = orjson.loads(body)
     data = payload["data"] if isinstance(payload.get("data"), dict) else {}
     conversation_id = data.get("conversation_id")
-    if payload["type"] not in events.KNOWN_TYPES:
+    if payload["type"] not in payloads.KNOWN_TYPES:
         assert answer["status"] in ("ignored", "duplicate")
         return
     assert answer["status"] in ("accepted", "duplicate")
@@ -445,7 +445,7 @@ def assert_recorded(box: Box, body: bytes, answer: dict[str, Any]) -> None:
             sa.text("SELECT has_audio FROM conversation WHERE conversation_id = :cid"), {"cid": conversation_id}
         ).first()
     assert stored is not None
-    if payload["type"] == events.AUDIO:
+    if payload["type"] == payloads.AUDIO:
         assert stored.has_audio
         box.audio_ids.append(conversation_id)
 
@@ -587,7 +587,7 @@ def test_values_no_column_can_hold_are_accepted_and_read_back_never_a_500(box: B
     answer = box.client.post(URL, content=body, headers=wh.signed_headers(body))
 
     assert answer.status_code == 200, answer.text
-    if event["type"] in events.KNOWN_TYPES:
+    if event["type"] in payloads.KNOWN_TYPES:
         read = box.client.get("/v1/conversations/conv_odd", headers={"Authorization": "Bearer test-token"})
         assert read.status_code == 200
         assert "\x00" not in read.text and "\\u0000" not in read.text

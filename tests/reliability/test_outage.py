@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.db import is_sqlite
+from service.storage.db import is_sqlite
 from service.testing import FakeConversation, FakePlatform, seed_conversations
 from tests.reliability.support import (
     Server,

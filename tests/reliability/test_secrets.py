@@ -25,8 +25,8 @@ from starlette.testclient import TestClient
 
 from service import elevenlabs
 from service.config import Settings
-from service.signature import sign
 from service.web.app import create_app
+from service.webhook.signature import sign
 from tests.support import webhooks as wh
 from tests.support.databases import migrated_sqlite
 from tests.support.live import live_server

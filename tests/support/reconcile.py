@@ -12,9 +12,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 from typer.testing import CliRunner
 
-from service import models  # noqa: F401 (registers the tables)
 from service.cli import app
 from service.config import Settings
+from service.storage import tables  # noqa: F401 (registers the tables)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Storing conversations for read-side tests, through the one write path (`ingest.apply`)."""
+"""Storing conversations for read-side tests, through the one write path (`record.store.apply`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from service import events, ingest
-from service.blobs import audio_relpath
-from service.db import transaction
-from service.merge import Audio, Observation, Source
+from service.record import payloads
+from service.record import store as record_store
+from service.record.merge import Audio, Observation, Source
+from service.storage.audio import audio_relpath
+from service.storage.db import transaction
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -43,13 +44,13 @@ def detail(
         "analysis": {"call_successful": call_successful, "transcript_summary": "A call."},
         "conversation_initiation_client_data": {"dynamic_variables": dynamic_variables},
     }
-    return events.detail_observation(data, source, at)
+    return payloads.detail_observation(data, source, at)
 
 
 def summary(conversation_id: str, *, agent_id: str = "agent_1", start: int = 1_760_000_000) -> Observation:
     """A list summary, as the reconciler stores it."""
     entry = {"conversation_id": conversation_id, "agent_id": agent_id, "status": "done", "start_time_unix_secs": start}
-    return events.summary_observation(entry, AT)
+    return payloads.summary_observation(entry, AT)
 
 
 def session(
@@ -71,7 +72,7 @@ def audio(conversation_id: str, data_dir: Path, content: bytes, agent_id: str = 
     path = data_dir / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
-    return events.audio_observation(conversation_id, agent_id, Audio(relpath, len(content)), Source.AUDIO_WEBHOOK, AT)
+    return payloads.audio_observation(conversation_id, agent_id, Audio(relpath, len(content)), Source.AUDIO_WEBHOOK, AT)
 
 
 def store(engine: Engine, observations: Iterable[Observation], now: datetime = AT) -> None:
@@ -79,6 +80,6 @@ def store(engine: Engine, observations: Iterable[Observation], now: datetime = A
 
     def work(conn: Any) -> None:
         for observation in batch:
-            ingest.apply(conn, observation, now)
+            record_store.apply(conn, observation, now)
 
     transaction(engine, work)

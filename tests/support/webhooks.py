@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from service.signature import sign
+from service.webhook.signature import sign
 
 SECRET = "wsec_test_secret"
 

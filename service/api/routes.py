@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from service import reads
-from service.db import unavailable_as_store_error
-from service.events import valid_conversation_id
-from service.queries import encode_cursor, parse_filter, parse_runs_limit
-from service.web.auth import bearer_protected
+from service.api import reads
+from service.api.auth import bearer_protected
+from service.api.query_params import encode_cursor, parse_filter, parse_runs_limit
+from service.record.payloads import valid_conversation_id
+from service.storage.db import unavailable_as_store_error
 from service.web.state import app_state
 
 log = logging.getLogger("postcall.read_api")

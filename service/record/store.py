@@ -16,9 +16,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from service.db import insert_ignoring_conflict, insert_many_ignoring_conflict
-from service.merge import Observation, merge
-from service.models import Conversation, WebhookEvent
+from service.record.merge import Observation, merge
+from service.storage.db import insert_ignoring_conflict, insert_many_ignoring_conflict
+from service.storage.tables import Conversation, WebhookEvent
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 webhook_events: sa.Table = WebhookEvent.__table__  # type: ignore[attr-defined]

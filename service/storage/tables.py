@@ -41,7 +41,7 @@ def _time(nullable: bool = True, index: bool = False) -> Any:
 
 
 class Conversation(SQLModel, table=True):
-    """One record per conversation_id; every source merges into it (see merge.py)."""
+    """One record per conversation_id; every source merges into it (see record/merge.py)."""
 
     __tablename__ = "conversation"
     # The read API's keyset order is (start_time_unix_secs, conversation_id), newest first: each filter that

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from service.events import valid_conversation_id
+from service.record.payloads import valid_conversation_id
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

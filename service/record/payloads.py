@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from service.merge import Audio, Observation, Source
-from service.models import Conversation
+from service.record.merge import Audio, Observation, Source
+from service.storage.tables import Conversation
 
 TRANSCRIPTION = "post_call_transcription"
 AUDIO = "post_call_audio"

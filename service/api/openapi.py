@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from service import queries
-from service.web.auth import ENABLE_HINT, requires_bearer
+from service.api import query_params
+from service.api.auth import ENABLE_HINT, requires_bearer
 
 UNDOCUMENTED = "undocumented"
 _CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
@@ -53,7 +53,7 @@ RECORD_PROPERTIES: dict[str, Any] = {
     "dynamic_variables": _nullable("object"),
     "labels": _nullable("object"),
     "has_audio": {"type": "boolean", "description": "audio is stored and served by /audio"},
-    "first_seen_via": {"type": "string", "enum": list(queries.SOURCES)},
+    "first_seen_via": {"type": "string", "enum": list(query_params.SOURCES)},
     "webhook_received_at": TIME,
     "audio_received_at": TIME,
     "reconciled_at": TIME,
@@ -109,7 +109,12 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-TEXT_PARAMETER = {"type": "string", "minLength": 1, "maxLength": queries.MAX_VALUE_LENGTH, "pattern": "^[^\\u0000]*$"}
+TEXT_PARAMETER = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": query_params.MAX_VALUE_LENGTH,
+    "pattern": "^[^\\u0000]*$",
+}
 TIME_PARAMETER = {
     "anyOf": [
         {"type": "string", "pattern": "^[0-9]{1,11}(\\.[0-9]{1,9})?$", "description": "unix seconds"},
@@ -123,9 +128,9 @@ LIST_PARAMETERS = [
     _query("call_successful", TEXT_PARAMETER, "success, failure or unknown"),
     _query("started_after", TIME_PARAMETER, "start time at or after this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("started_before", TIME_PARAMETER, "start time before this (unix seconds or ISO-8601; no zone = UTC)"),
-    _query("source", {"type": "string", "enum": list(queries.SOURCES)}, "how postcall first learnt of it"),
+    _query("source", {"type": "string", "enum": list(query_params.SOURCES)}, "how postcall first learnt of it"),
     _query("has_audio", {"type": "boolean"}, "whether audio is stored"),
-    _query("limit", {"type": "integer", "minimum": 1, "maximum": queries.MAX_LIMIT}, "page size (default 50)"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": query_params.MAX_LIMIT}, "page size (default 50)"),
     _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
 ]
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -178,7 +183,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/v1/reconcile/runs"): {
         "summary": "Recent reconcile runs and their counts, newest first",
         "parameters": [
-            _query("limit", {"type": "integer", "minimum": 1, "maximum": queries.MAX_RUNS}, "how many (default 20)")
+            _query(
+                "limit", {"type": "integer", "minimum": 1, "maximum": query_params.MAX_RUNS}, "how many (default 20)"
+            )
         ],
         "responses": {
             "200": _json({"$ref": "#/components/schemas/ReconcileRuns"}, "the runs"),

@@ -18,11 +18,11 @@ import anyio.to_thread
 import orjson
 import pybase64
 
-from service.audio_stream import AudioSplitter, Base64Decoder, StreamFormatError
-from service.blobs import BlobStore, TempBlob
-from service.db import StoreUnavailable
-from service.events import PayloadError, may_hold_nul, without_nul
-from service.signature import BodyVerifier, SignatureHeader
+from service.record.payloads import PayloadError, may_hold_nul, without_nul
+from service.storage.audio import BlobStore, TempBlob
+from service.storage.db import StoreUnavailable
+from service.webhook.audio_splitter import AudioSplitter, Base64Decoder, StreamFormatError
+from service.webhook.signature import BodyVerifier, SignatureHeader
 
 SMALL_BODY_BYTES = 1 << 20
 # Large bodies are handed to a worker thread in batches of this size: big enough that thread hops are rare,

@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import sessions
-from service.receiver import BodyTooLarge
-from service.web.auth import bearer_protected
+from service.api.auth import bearer_protected
+from service.broker import sessions
 from service.web.state import app_state
+from service.webhook.body import BodyTooLarge
 
 log = logging.getLogger("postcall.sessions")
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from service.events import valid_conversation_id
+from service.record.payloads import valid_conversation_id
 
 CONVERSATION_ID = re.compile(r"conv_[a-zA-Z0-9]+")
 # LiveKit tokens are a few hundred bytes; a bound keeps a hostile or broken answer from costing much.

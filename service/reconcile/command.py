@@ -17,11 +17,11 @@ import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from service.blobs import BlobStore
 from service.config import Settings
-from service.db import StoreUnavailable, create_engine
 from service.elevenlabs import ElevenLabsClient
-from service.reconcile import Counts, LeaseHeld, Options, Reconciler, Report
+from service.reconcile.reconciler import Counts, LeaseHeld, Options, Reconciler, Report
+from service.storage.audio import BlobStore
+from service.storage.db import StoreUnavailable, create_engine
 
 EXIT_OK = 0
 EXIT_FAILED = 1

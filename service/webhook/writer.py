@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
-from service import ingest
-from service.db import StoreUnavailable, transaction
-from service.merge import Observation
+from service.record import store
+from service.record.merge import Observation
+from service.storage.db import StoreUnavailable, transaction
 
 log = logging.getLogger("postcall.writer")
 
@@ -27,15 +27,15 @@ MAX_BATCH = 256
 
 @dataclass
 class _Job:
-    delivery: ingest.Delivery
+    delivery: store.Delivery
     observation: Observation | None
-    future: asyncio.Future[ingest.Outcome]
+    future: asyncio.Future[store.Outcome]
     loop: asyncio.AbstractEventLoop
 
-    def resolve(self, outcome: ingest.Outcome | None, error: BaseException | None) -> None:
+    def resolve(self, outcome: store.Outcome | None, error: BaseException | None) -> None:
         self.loop.call_soon_threadsafe(self._set, outcome, error)
 
-    def _set(self, outcome: ingest.Outcome | None, error: BaseException | None) -> None:
+    def _set(self, outcome: store.Outcome | None, error: BaseException | None) -> None:
         if self.future.done():  # the request went away (client disconnected)
             return
         if error is not None:
@@ -64,12 +64,12 @@ class BatchWriter:
             self._thread.join()
             self._thread = None
 
-    async def record(self, delivery: ingest.Delivery, observation: Observation | None) -> ingest.Outcome:
+    async def record(self, delivery: store.Delivery, observation: Observation | None) -> store.Outcome:
         """Archive and merge one delivery; returns once it is committed. Raises StoreUnavailable."""
         if self._thread is None:
             raise RuntimeError("BatchWriter is not started")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ingest.Outcome] = loop.create_future()
+        future: asyncio.Future[store.Outcome] = loop.create_future()
         self._queue.put(_Job(delivery, observation, future, loop))
         return await future
 
@@ -93,7 +93,7 @@ class BatchWriter:
     def _commit(self, batch: list[_Job]) -> None:
         items = [(job.delivery, job.observation) for job in batch]
         try:
-            outcomes = transaction(self._engine, lambda conn: ingest.record_deliveries(conn, items))
+            outcomes = transaction(self._engine, lambda conn: store.record_deliveries(conn, items))
         except StoreUnavailable as exc:
             # The database is down or refused the commit: every request of the batch answers 503 now, rather
             # than each waiting out its own connection timeout.

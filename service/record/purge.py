@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service.blobs import BlobStore
-from service.db import transaction
-from service.models import Conversation, WebhookEvent
+from service.storage.audio import BlobStore
+from service.storage.db import transaction
+from service.storage.tables import Conversation, WebhookEvent
 
 BATCH_SIZE = 500
 

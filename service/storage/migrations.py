@@ -8,9 +8,9 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from alembic import command
-from service.db import unavailable_as_store_error
+from service.storage.db import unavailable_as_store_error
 
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 
 
 def alembic_config() -> Config:

@@ -1,7 +1,7 @@
 """The reconciler: list each agent's conversations in a window and store whatever the webhooks missed.
 
 One run, per agent: plan the window (windows.py), page through `GET /v1/convai/conversations`, merge every
-summary through `ingest` (one transaction per page), fetch the detail of each final conversation that is new or
+summary through `record.store` (one transaction per page), fetch the detail of each final conversation that is new or
 incomplete (bounded concurrency, in the client), optionally its audio, then move the agent's checkpoint — never
 past a conversation that failed or is not final yet, so the next run lists it again.
 
@@ -27,13 +27,8 @@ import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service import events, ingest
-from service.blobs import BlobStore, TempBlob
-from service.db import insert_ignoring_conflict, transaction, unavailable_as_store_error
 from service.elevenlabs import ElevenLabsClient, ElevenLabsError, NotFound
-from service.merge import Audio, Observation, Source, is_final, merge
-from service.models import ReconcileCheckpoint, ReconcileLease, ReconcileRun
-from service.windows import (
+from service.reconcile.windows import (
     DEFAULT_OVERLAP_SECONDS,
     FIRST_RUN_LOOKBACK_SECONDS,
     Window,
@@ -41,6 +36,11 @@ from service.windows import (
     next_checkpoint,
     plan_window,
 )
+from service.record import payloads, store
+from service.record.merge import Audio, Observation, Source, is_final, merge
+from service.storage.audio import BlobStore, TempBlob
+from service.storage.db import insert_ignoring_conflict, transaction, unavailable_as_store_error
+from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileRun
 
 log = logging.getLogger("postcall.reconcile")
 T = TypeVar("T")
@@ -213,14 +213,14 @@ _FINGERPRINT = (
 
 def _fingerprints(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """conversation_id → the columns that say whether a record changed, for the stored ones among `ids`."""
-    table = ingest.conversations
+    table = store.conversations
     columns = [table.c.conversation_id, *(table.c[name] for name in _FINGERPRINT)]
     rows = conn.execute(sa.select(*columns).where(table.c.conversation_id.in_(ids))).mappings()
     return {row["conversation_id"]: dict(row) for row in rows}
 
 
 def _stored_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    table = ingest.conversations
+    table = store.conversations
     rows = conn.execute(sa.select(table).where(table.c.conversation_id.in_(ids))).mappings()
     return {row["conversation_id"]: {k: v for k, v in row.items() if k != "updated_at"} for row in rows}
 
@@ -334,8 +334,8 @@ class Reconciler:
 
     async def _page(self, page: list[dict[str, Any]], options: Options, report: Report, out: _AgentOutcome) -> None:
         at = self._now()
-        summaries = [s for s in page if events.valid_conversation_id(s.get("conversation_id"))]
-        observations = [events.summary_observation(s, at) for s in summaries]
+        summaries = [s for s in page if payloads.valid_conversation_id(s.get("conversation_id"))]
+        observations = [payloads.summary_observation(s, at) for s in summaries]
         listed = {obs.conversation_id: _listed(obs) for obs in observations}
         report.counts.listed += len(listed)
         if not listed:
@@ -358,8 +358,8 @@ class Reconciler:
                     out.failed_starts.append(item.start)  # not failed, but not stored in full: hold the checkpoint
         details = await self._fetch_details(wanted, report, out)
         if details:
-            observations = [events.detail_observation(d, Source.DETAIL, self._now()) for d in details]
-            detail_changes = await self._db(lambda conn: ingest.apply_many(conn, observations, self._now()))
+            observations = [payloads.detail_observation(d, Source.DETAIL, self._now()) for d in details]
+            detail_changes = await self._db(lambda conn: store.apply_many(conn, observations, self._now()))
             tally.add(detail_changes)
             for detail in details:
                 if not is_final(detail.get("status") if isinstance(detail.get("status"), str) else None):
@@ -450,42 +450,42 @@ class Reconciler:
 class _Tally:
     """Each conversation counts once per page: new if its first write created it, else updated if any changed it."""
 
-    def __init__(self, first: dict[str, ingest.Change]) -> None:
+    def __init__(self, first: dict[str, store.Change]) -> None:
         self._seen = dict(first)
 
-    def add(self, changes: dict[str, ingest.Change]) -> None:
+    def add(self, changes: dict[str, store.Change]) -> None:
         for cid, change in changes.items():
-            before = self._seen.get(cid, ingest.Change.UNCHANGED)
-            if before is ingest.Change.UNCHANGED:
+            before = self._seen.get(cid, store.Change.UNCHANGED)
+            if before is store.Change.UNCHANGED:
                 self._seen[cid] = change
 
     @property
     def new(self) -> int:
-        return sum(1 for change in self._seen.values() if change is ingest.Change.NEW)
+        return sum(1 for change in self._seen.values() if change is store.Change.NEW)
 
     @property
     def updated(self) -> int:
-        return sum(1 for change in self._seen.values() if change is ingest.Change.UPDATED)
+        return sum(1 for change in self._seen.values() if change is store.Change.UPDATED)
 
 
 def _apply_summaries(
     conn: Connection, observations: list[Observation], at: datetime
-) -> tuple[dict[str, dict[str, Any]], dict[str, ingest.Change]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, store.Change]]:
     """The records as stored before this page (their fingerprints), and what merging the summaries changed."""
     ids = [obs.conversation_id for obs in observations]
     before = _fingerprints(conn, ids)
-    changes = ingest.apply_many(conn, observations, at)
-    after = _fingerprints(conn, [cid for cid, change in changes.items() if change is ingest.Change.UPDATED])
+    changes = store.apply_many(conn, observations, at)
+    after = _fingerprints(conn, [cid for cid, change in changes.items() if change is store.Change.UPDATED])
     for cid, fingerprint in after.items():
         if before.get(cid) == fingerprint:
-            changes[cid] = ingest.Change.UNCHANGED  # only `reconciled_at` moved
+            changes[cid] = store.Change.UNCHANGED  # only `reconciled_at` moved
     return before, changes
 
 
-def _store_audio(conn: Connection, conversation_id: str, blob: TempBlob, at: datetime) -> ingest.Change:
+def _store_audio(conn: Connection, conversation_id: str, blob: TempBlob, at: datetime) -> store.Change:
     relpath = blob.commit(conversation_id)
-    observation = events.audio_observation(conversation_id, None, Audio(relpath, blob.size), Source.AUDIO_FETCH, at)
-    return ingest.apply(conn, observation, at)
+    observation = payloads.audio_observation(conversation_id, None, Audio(relpath, blob.size), Source.AUDIO_FETCH, at)
+    return store.apply(conn, observation, at)
 
 
 def _read_records(engine: Engine, ids: Sequence[str]) -> dict[str, dict[str, Any]]:

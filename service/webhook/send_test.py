@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.samples import SampleType, new_conversation_id, sample_event
-from service.signature import sign
+from service.testing.samples import SampleType, new_conversation_id, sample_event
+from service.webhook.signature import sign
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/elevenlabs"
 TIMEOUT_SECONDS = 30.0

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 
-from service.models import Conversation, ReconcileRun
-from service.queries import ConversationFilter, Cursor, JsonMatch
+from service.api.query_params import ConversationFilter, Cursor, JsonMatch
+from service.storage.tables import Conversation, ReconcileRun
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
@@ -145,7 +145,7 @@ def _json_match(dialect: str, column: sa.Column[Any], match: JsonMatch) -> sa.Co
         return sa.or_(*(document.contains({match.name: value}) for value in typed))
     # SQLite: json_extract gives the value in its SQL type; a TEXT never equals an INTEGER, and json_type
     # keeps `true` (extracted as 1) apart from the number 1.
-    path = f'$."{match.name}"'  # the name is [A-Za-z0-9_-]+ (queries.py), nothing to escape
+    path = f'$."{match.name}"'  # the name is [A-Za-z0-9_-]+ (query_params.py), nothing to escape
     extracted = sa.func.json_extract(column, path)
     kind = sa.func.json_type(column, path)
     options = [sa.and_(kind == "text", extracted == match.text)]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from service.db import after_commit
+from service.storage.db import after_commit
 
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 STALE_TEMP_SECONDS = 3600

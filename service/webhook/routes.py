@@ -12,13 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import events, ingest
-from service.blobs import TempBlob
-from service.merge import Audio, Observation, Source
-from service.receiver import BodyTooLarge, ReceivedBody, audio_from_payload, read_body, sync_audio
-from service.signature import check_timestamp, parse_header
+from service.record import payloads, store
+from service.record.merge import Audio, Observation, Source
+from service.storage.audio import TempBlob
 from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
+from service.webhook.body import BodyTooLarge, ReceivedBody, audio_from_payload, read_body, sync_audio
+from service.webhook.signature import check_timestamp, parse_header
 
 log = logging.getLogger("postcall.webhooks")
 
@@ -45,17 +45,17 @@ async def receive(request: Request) -> JSONResponse:
     return JSONResponse({"status": outcome.value, "conversation_id": conversation_id})
 
 
-async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[ingest.Outcome, str | None]:
-    envelope = events.read_envelope(body.payload)
-    delivery = ingest.Delivery(
+async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[store.Outcome, str | None]:
+    envelope = payloads.read_envelope(body.payload)
+    delivery = store.Delivery(
         body_sha256=body.sha256,
         event_type=envelope.type[:128],
         conversation_id=envelope.conversation_id,
         received_at=at,
         body_bytes=body.size,
-        body=None if envelope.type == events.AUDIO else body.raw,
+        body=None if envelope.type == payloads.AUDIO else body.raw,
     )
-    if envelope.type == events.AUDIO:
+    if envelope.type == payloads.AUDIO:
         if body.audio is None:  # a small body carried its audio inline
             body.audio = await anyio.to_thread.run_sync(audio_from_payload, envelope.data, state.blobs)
         blob: TempBlob = body.audio
@@ -67,31 +67,31 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[ing
     return outcome, envelope.conversation_id
 
 
-def _observation(envelope: events.Envelope, at: datetime) -> Observation | None:
-    if envelope.type == events.TRANSCRIPTION:
-        return events.detail_observation(envelope.data, Source.TRANSCRIPTION_WEBHOOK, at)
-    if envelope.type == events.FAILURE:
-        return events.failure_observation(envelope.data, at)
+def _observation(envelope: payloads.Envelope, at: datetime) -> Observation | None:
+    if envelope.type == payloads.TRANSCRIPTION:
+        return payloads.detail_observation(envelope.data, Source.TRANSCRIPTION_WEBHOOK, at)
+    if envelope.type == payloads.FAILURE:
+        return payloads.failure_observation(envelope.data, at)
     return None
 
 
 def _record_audio(
-    conn: Connection, delivery: ingest.Delivery, envelope: events.Envelope, blob: TempBlob
-) -> ingest.Outcome:
-    if not ingest.archive(conn, delivery):
-        return ingest.Outcome.DUPLICATE
+    conn: Connection, delivery: store.Delivery, envelope: payloads.Envelope, blob: TempBlob
+) -> store.Outcome:
+    if not store.archive(conn, delivery):
+        return store.Outcome.DUPLICATE
     assert envelope.conversation_id is not None
     relpath = blob.commit(envelope.conversation_id)
     agent_id: Any = envelope.data.get("agent_id")
-    observation = events.audio_observation(
+    observation = payloads.audio_observation(
         envelope.conversation_id,
         agent_id if isinstance(agent_id, str) else None,
         Audio(relpath, blob.size),
         Source.AUDIO_WEBHOOK,
         delivery.received_at,
     )
-    ingest.apply(conn, observation, now=delivery.received_at)
-    return ingest.Outcome.ACCEPTED
+    store.apply(conn, observation, now=delivery.received_at)
+    return store.Outcome.ACCEPTED
 
 
 def routes() -> list[Route]:

@@ -26,9 +26,9 @@ import httpx
 from pydantic import SecretStr
 from sqlalchemy.engine import Connection
 
-from service import events, ingest
+from service.broker.token import conversation_id_from_signed_url, conversation_id_from_token
 from service.elevenlabs import scrub_key
-from service.session_token import conversation_id_from_signed_url, conversation_id_from_token
+from service.record import payloads, store
 
 log = logging.getLogger("postcall.sessions")
 
@@ -179,13 +179,13 @@ async def open_session(client: httpx.AsyncClient, api_key: SecretStr | None, req
     return Session(request.agent_id, request.transport, credential, conversation_id)
 
 
-def record_session(conn: Connection, session: Session, request: SessionRequest, at: datetime) -> ingest.Change:
+def record_session(conn: Connection, session: Session, request: SessionRequest, at: datetime) -> store.Change:
     """Record the new conversation (inside the caller's transaction) so it is queryable before the call starts."""
     assert session.conversation_id is not None
-    observation = events.session_observation(
+    observation = payloads.session_observation(
         session.conversation_id, request.agent_id, request.user_id, request.branch_id, request.labels, at
     )
-    return ingest.apply(conn, observation, now=at)
+    return store.apply(conn, observation, now=at)
 
 
 def _params(request: SessionRequest, **params: str | None) -> dict[str, str]:
