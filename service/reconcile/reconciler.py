@@ -37,8 +37,8 @@ from service.reconcile.windows import (
     plan_window,
 )
 from service.record import payloads, store
-from service.record.merge import Audio, Observation, Source, is_final, merge
-from service.storage.audio import BlobStore, TempBlob
+from service.record.merge import Observation, Source, is_final, merge
+from service.storage.audio import BlobStore
 from service.storage.db import insert_ignoring_conflict, transaction, unavailable_as_store_error
 from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileRun
 
@@ -408,7 +408,9 @@ class Reconciler:
                 self._failed(item, f"audio: {exc}", report, out)
                 return
             try:
-                change = await self._db(lambda conn: _store_audio(conn, item.conversation_id, blob, self._now()))
+                change = await self._db(
+                    lambda conn: store.store_audio(conn, item.conversation_id, blob, Source.AUDIO_FETCH, self._now())
+                )
             finally:
                 blob.discard()  # a no-op once committed into place
             report.counts.audio_fetched += 1
@@ -480,12 +482,6 @@ def _apply_summaries(
         if before.get(cid) == fingerprint:
             changes[cid] = store.Change.UNCHANGED  # only `reconciled_at` moved
     return before, changes
-
-
-def _store_audio(conn: Connection, conversation_id: str, blob: TempBlob, at: datetime) -> store.Change:
-    relpath = blob.commit(conversation_id)
-    observation = payloads.audio_observation(conversation_id, None, Audio(relpath, blob.size), Source.AUDIO_FETCH, at)
-    return store.apply(conn, observation, at)
 
 
 def _read_records(engine: Engine, ids: Sequence[str]) -> dict[str, dict[str, Any]]:

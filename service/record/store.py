@@ -16,7 +16,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from service.record.merge import Observation, merge
+from service.record import payloads
+from service.record.merge import Audio, Observation, Source, merge
+from service.storage.audio import TempBlob
 from service.storage.db import insert_ignoring_conflict, insert_many_ignoring_conflict
 from service.storage.tables import Conversation, WebhookEvent
 
@@ -95,6 +97,26 @@ def record_deliveries(conn: Connection, items: Sequence[tuple[Delivery, Observat
     if observations:
         apply_many(conn, observations, now=items[0][0].received_at)
     return outcomes
+
+
+def record_audio_delivery(conn: Connection, delivery: Delivery, agent_id: str | None, blob: TempBlob) -> Outcome:
+    """Archive an audio webhook and put its audio in place, unless the same body was stored before."""
+    if not archive(conn, delivery):
+        return Outcome.DUPLICATE
+    assert delivery.conversation_id is not None  # the envelope of an audio event always has one
+    store_audio(conn, delivery.conversation_id, blob, Source.AUDIO_WEBHOOK, delivery.received_at, agent_id)
+    return Outcome.ACCEPTED
+
+
+def store_audio(
+    conn: Connection, conversation_id: str, blob: TempBlob, source: Source, at: datetime, agent_id: str | None = None
+) -> Change:
+    """Move synced audio to the conversation's path and record it, inside the caller's transaction: the file's
+    claim settles when that transaction commits (the audio webhook and the reconciler's audio fetch both come here).
+    """
+    relpath = blob.commit(conversation_id)
+    observation = payloads.audio_observation(conversation_id, agent_id, Audio(relpath, blob.size), source, at)
+    return apply(conn, observation, at)
 
 
 def apply(conn: Connection, obs: Observation, now: datetime) -> Change:

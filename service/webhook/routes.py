@@ -7,13 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio.to_thread
-from sqlalchemy.engine import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.record import payloads, store
-from service.record.merge import Audio, Observation, Source
+from service.record.merge import Observation, Source
 from service.storage.audio import TempBlob
 from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
@@ -60,7 +59,9 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[sto
             body.audio = await anyio.to_thread.run_sync(audio_from_payload, envelope.data, state.blobs)
         blob: TempBlob = body.audio
         await anyio.to_thread.run_sync(sync_audio, blob)  # the slow fsync happens outside the transaction
-        outcome = await state.write(lambda conn: _record_audio(conn, delivery, envelope, blob))
+        agent_id: Any = envelope.data.get("agent_id")
+        agent = agent_id if isinstance(agent_id, str) else None
+        outcome = await state.write(lambda conn: store.record_audio_delivery(conn, delivery, agent, blob))
     else:
         observation = _observation(envelope, at)
         outcome = await state.writer.record(delivery, observation)
@@ -73,25 +74,6 @@ def _observation(envelope: payloads.Envelope, at: datetime) -> Observation | Non
     if envelope.type == payloads.FAILURE:
         return payloads.failure_observation(envelope.data, at)
     return None
-
-
-def _record_audio(
-    conn: Connection, delivery: store.Delivery, envelope: payloads.Envelope, blob: TempBlob
-) -> store.Outcome:
-    if not store.archive(conn, delivery):
-        return store.Outcome.DUPLICATE
-    assert envelope.conversation_id is not None
-    relpath = blob.commit(envelope.conversation_id)
-    agent_id: Any = envelope.data.get("agent_id")
-    observation = payloads.audio_observation(
-        envelope.conversation_id,
-        agent_id if isinstance(agent_id, str) else None,
-        Audio(relpath, blob.size),
-        Source.AUDIO_WEBHOOK,
-        delivery.received_at,
-    )
-    store.apply(conn, observation, now=delivery.received_at)
-    return store.Outcome.ACCEPTED
 
 
 def routes() -> list[Route]:
