@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.config import Settings
-from service.reconcile.reconciler import acquire_lease
+from service.reconcile.ledger import acquire_lease
 from service.storage.db import transaction
 from service.testing import FakePlatform, seed_conversations
 from tests.support.process import ROOT

@@ -19,7 +19,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from service.config import Settings
 from service.elevenlabs import ElevenLabsClient
-from service.reconcile.reconciler import Counts, LeaseHeld, Options, Reconciler, Report
+from service.reconcile.ledger import Counts, LeaseHeld, Report
+from service.reconcile.reconciler import Options, Reconciler
 from service.storage.audio import BlobStore
 from service.storage.db import StoreUnavailable, create_engine
 
@@ -63,18 +64,19 @@ def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO 
 
 
 def describe(report: Report) -> str:
-    c = report.counts
     head = "dry run, nothing written: " if report.dry_run else ""
-    line = (
-        f"{head}{len(report.agents)} agent(s): listed {c.listed}, new {c.new}, updated {c.updated}, "
-        f"details fetched {c.details_fetched}, audio fetched {c.audio_fetched}, failed {c.failed}"
-    )
+    line = f"{head}{len(report.agents)} agent(s): {_figures(report.counts, ', ')}"
     if report.dry_run:
         line += f"; a real run would fetch {report.details_needed} detail(s)"
     lines = [line, *(f"  failed: {error}" for error in report.errors)]
     if not report.ok:
         lines.append("some conversations were not stored; the checkpoint stays before them and the next run retries")
     return "\n".join(lines)
+
+
+def _figures(counts: Counts, separator: str) -> str:
+    """`listed 3, new 1, …, details fetched 2, …`: every count, named as in the `--json` object."""
+    return separator.join(f"{name.replace('_', ' ')} {value}" for name, value in counts.as_dict().items())
 
 
 @contextmanager
@@ -89,10 +91,6 @@ def _progress(enabled: bool) -> Iterator[Callable[[Counts], None] | None]:
         task = progress.add_task("reconciling")
 
         def show(counts: Counts) -> None:
-            progress.update(
-                task,
-                description=f"listed {counts.listed} · new {counts.new} · details {counts.details_fetched}"
-                f" · audio {counts.audio_fetched} · failed {counts.failed}",
-            )
+            progress.update(task, description=_figures(counts, " · "))
 
         yield show

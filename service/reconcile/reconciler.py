@@ -5,20 +5,17 @@ summary through `record.store` (one transaction per page), fetch the detail of e
 incomplete (bounded concurrency, in the client), optionally its audio, then move the agent's checkpoint — never
 past a conversation that failed or is not final yet, so the next run lists it again.
 
-A lease row (`reconcile_lease`) makes it one run at a time per database; each run is recorded in `reconcile_run`
-with its counts. `--dry-run` lists and counts but writes nothing at all (no lease, no run record, no checkpoint).
+The database side of a run — the lease that makes it one at a time, checkpoints, the run record — is the ledger
+(ledger.py). `--dry-run` lists and counts but writes nothing at all (no lease, no run record, no checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -28,6 +25,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from service.elevenlabs import ElevenLabsClient, ElevenLabsError, NotFound
+from service.reconcile.ledger import (
+    LEASE_RENEW_SECONDS,
+    Counts,
+    LeaseLost,
+    Report,
+    acquire_lease,
+    default_holder,
+    finish_run,
+    read_checkpoint,
+    release_lease,
+    renew_lease,
+    start_run,
+    write_checkpoint,
+)
 from service.reconcile.windows import (
     DEFAULT_OVERLAP_SECONDS,
     FIRST_RUN_LOOKBACK_SECONDS,
@@ -39,20 +50,12 @@ from service.reconcile.windows import (
 from service.record import payloads, store
 from service.record.merge import Observation, Source, is_final, merge
 from service.storage.audio import BlobStore
-from service.storage.db import insert_ignoring_conflict, transaction, unavailable_as_store_error
-from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileRun
+from service.storage.db import transaction, unavailable_as_store_error
 
 log = logging.getLogger("postcall.reconcile")
 T = TypeVar("T")
 
-LEASE_NAME = "reconcile"
-LEASE_TTL_SECONDS = 600
-LEASE_RENEW_SECONDS = 60
 MAX_ERRORS_KEPT = 20
-
-checkpoints: sa.Table = ReconcileCheckpoint.__table__  # type: ignore[attr-defined]
-runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
-leases: sa.Table = ReconcileLease.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -65,129 +68,6 @@ class Options:
     dry_run: bool = False
     overlap: int = DEFAULT_OVERLAP_SECONDS
     lookback: int = FIRST_RUN_LOOKBACK_SECONDS
-
-
-@dataclass
-class Counts:
-    listed: int = 0
-    new: int = 0
-    updated: int = 0
-    details_fetched: int = 0
-    audio_fetched: int = 0
-    failed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass
-class Report:
-    counts: Counts
-    agents: list[str]
-    dry_run: bool
-    run_id: int | None = None
-    details_needed: int = 0  # a dry run's count of the detail calls a real run would make
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.counts.failed == 0 and not self.errors
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {**self.counts.as_dict(), "ok": self.ok, "dry_run": self.dry_run, "run_id": self.run_id}
-        out["agents"] = self.agents
-        if self.dry_run:
-            out["details_needed"] = self.details_needed
-        out["errors"] = self.errors
-        return out
-
-
-class LeaseHeld(Exception):
-    """Another run holds the lease: the caller exits 3 naming `holder`."""
-
-    def __init__(self, holder: str, expires_at: datetime) -> None:
-        super().__init__(f"another reconcile run holds the lease: {holder} (until {expires_at.isoformat()})")
-        self.holder = holder
-        self.expires_at = expires_at
-
-
-class LeaseLost(Exception):
-    """Our lease expired and someone else took it: stop before writing further."""
-
-
-def default_holder() -> str:
-    return f"{socket.gethostname()} pid {os.getpid()} run {uuid.uuid4().hex[:8]}"
-
-
-# --- the lease, run records and checkpoints (synchronous; run in a worker thread) ----------------------------------
-
-
-def acquire_lease(conn: Connection, holder: str, now: datetime, ttl: int = LEASE_TTL_SECONDS) -> None:
-    """Take the lease, or take over an expired one; LeaseHeld otherwise."""
-    expires = now + timedelta(seconds=ttl)
-    row = {"name": LEASE_NAME, "holder": holder, "acquired_at": now, "expires_at": expires}
-    if insert_ignoring_conflict(conn, leases, row, "name"):
-        return
-    taken = conn.execute(
-        sa.update(leases)
-        .where(leases.c.name == LEASE_NAME, leases.c.expires_at < now)
-        .values(holder=holder, acquired_at=now, expires_at=expires)
-    )
-    if taken.rowcount == 1:
-        return
-    current = conn.execute(sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == LEASE_NAME)).one()
-    raise LeaseHeld(current.holder, current.expires_at)
-
-
-def renew_lease(conn: Connection, holder: str, now: datetime, ttl: int = LEASE_TTL_SECONDS) -> None:
-    renewed = conn.execute(
-        sa.update(leases)
-        .where(leases.c.name == LEASE_NAME, leases.c.holder == holder)
-        .values(expires_at=now + timedelta(seconds=ttl))
-    )
-    if renewed.rowcount != 1:
-        raise LeaseLost(f"the reconcile lease of {holder} was taken over")
-
-
-def release_lease(conn: Connection, holder: str) -> None:
-    conn.execute(sa.delete(leases).where(leases.c.name == LEASE_NAME, leases.c.holder == holder))
-
-
-def read_checkpoint(conn: Connection, agent_id: str) -> int | None:
-    value = conn.execute(sa.select(checkpoints.c.checkpoint_unix).where(checkpoints.c.agent_id == agent_id)).scalar()
-    return int(value) if value is not None else None
-
-
-def write_checkpoint(conn: Connection, agent_id: str, checkpoint: int, now: datetime) -> None:
-    row = {"agent_id": agent_id, "checkpoint_unix": checkpoint, "updated_at": now}
-    if not insert_ignoring_conflict(conn, checkpoints, row, "agent_id"):
-        conn.execute(
-            sa.update(checkpoints)
-            .where(checkpoints.c.agent_id == agent_id)
-            .values(checkpoint_unix=checkpoint, updated_at=now)
-        )
-
-
-def start_run(conn: Connection, holder: str, now: datetime) -> int:
-    values = {"started_at": now, "status": "running", "holder": holder, "dry_run": False, **Counts().as_dict()}
-    run_id = conn.execute(sa.insert(runs).values(values).returning(runs.c.id)).scalar_one()
-    return int(run_id)
-
-
-def finish_run(conn: Connection, run_id: int, report: Report, windows: list[Window], now: datetime) -> None:
-    conn.execute(
-        sa.update(runs)
-        .where(runs.c.id == run_id)
-        .values(
-            finished_at=now,
-            status="succeeded" if report.ok else "failed",
-            agents=report.agents,
-            window_start_unix=min((w.start for w in windows), default=None),
-            window_end_unix=max((w.end for w in windows), default=None),
-            error="\n".join(report.errors) or None,
-            **report.counts.as_dict(),
-        )
-    )
 
 
 # What "updated" means to a person: the status or the content changed, not just `reconciled_at` (which every

@@ -1,0 +1,175 @@
+"""The reconciler's ledger: the database side of a run — the lease, each agent's checkpoint, the run record.
+
+- The lease (`reconcile_lease`, one row) makes it one run at a time per database; a run renews it while it works
+  and a crashed run's lease expires after LEASE_TTL_SECONDS.
+- A checkpoint (`reconcile_checkpoint`, per agent) is where the next run's window starts (see windows.py).
+- Each run is a row of `reconcile_run`: started `running`, finished `succeeded` or `failed` with its `Report`.
+
+`Counts` is the one list of a run's counts: the run record's count columns, the `--json` object, the summary and
+`RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function takes a Connection inside a
+transaction the caller owns (the reconciler runs them in a worker thread).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from service.reconcile.windows import Window
+from service.storage.db import insert_ignoring_conflict
+from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileRun
+
+LEASE_NAME = "reconcile"
+LEASE_TTL_SECONDS = 600
+LEASE_RENEW_SECONDS = 60
+
+checkpoints: sa.Table = ReconcileCheckpoint.__table__  # type: ignore[attr-defined]
+runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
+leases: sa.Table = ReconcileLease.__table__  # type: ignore[attr-defined]
+
+
+@dataclass
+class Counts:
+    """What a run did, in the order the summary says it. Each count is a column of `reconcile_run` too."""
+
+    listed: int = 0
+    new: int = 0
+    updated: int = 0
+    details_fetched: int = 0
+    audio_fetched: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+COUNTS: tuple[str, ...] = tuple(count.name for count in fields(Counts))
+
+
+@dataclass
+class Report:
+    """A run's outcome: its counts and errors, printed as the summary or the `--json` object, and recorded."""
+
+    counts: Counts
+    agents: list[str]
+    dry_run: bool
+    run_id: int | None = None
+    details_needed: int = 0  # a dry run's count of the detail calls a real run would make
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.failed == 0 and not self.errors
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.counts.as_dict(), "ok": self.ok, "dry_run": self.dry_run, "run_id": self.run_id}
+        out["agents"] = self.agents
+        if self.dry_run:
+            out["details_needed"] = self.details_needed
+        out["errors"] = self.errors
+        return out
+
+
+# A run record as the read API serves it: every column of `reconcile_run`, in the table's order.
+RUN_FIELDS: tuple[str, ...] = tuple(runs.c.keys())
+
+
+class LeaseHeld(Exception):
+    """Another run holds the lease: the caller exits 3 naming `holder`."""
+
+    def __init__(self, holder: str, expires_at: datetime) -> None:
+        super().__init__(f"another reconcile run holds the lease: {holder} (until {expires_at.isoformat()})")
+        self.holder = holder
+        self.expires_at = expires_at
+
+
+class LeaseLost(Exception):
+    """Our lease expired and someone else took it: stop before writing further."""
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()} run {uuid.uuid4().hex[:8]}"
+
+
+# --- the lease ---------------------------------------------------------------------------------------------------
+
+
+def acquire_lease(conn: Connection, holder: str, now: datetime, ttl: int = LEASE_TTL_SECONDS) -> None:
+    """Take the lease, or take over an expired one; LeaseHeld otherwise."""
+    expires = now + timedelta(seconds=ttl)
+    row = {"name": LEASE_NAME, "holder": holder, "acquired_at": now, "expires_at": expires}
+    if insert_ignoring_conflict(conn, leases, row, "name"):
+        return
+    taken = conn.execute(
+        sa.update(leases)
+        .where(leases.c.name == LEASE_NAME, leases.c.expires_at < now)
+        .values(holder=holder, acquired_at=now, expires_at=expires)
+    )
+    if taken.rowcount == 1:
+        return
+    current = conn.execute(sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == LEASE_NAME)).one()
+    raise LeaseHeld(current.holder, current.expires_at)
+
+
+def renew_lease(conn: Connection, holder: str, now: datetime, ttl: int = LEASE_TTL_SECONDS) -> None:
+    renewed = conn.execute(
+        sa.update(leases)
+        .where(leases.c.name == LEASE_NAME, leases.c.holder == holder)
+        .values(expires_at=now + timedelta(seconds=ttl))
+    )
+    if renewed.rowcount != 1:
+        raise LeaseLost(f"the reconcile lease of {holder} was taken over")
+
+
+def release_lease(conn: Connection, holder: str) -> None:
+    conn.execute(sa.delete(leases).where(leases.c.name == LEASE_NAME, leases.c.holder == holder))
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(conn: Connection, agent_id: str) -> int | None:
+    value = conn.execute(sa.select(checkpoints.c.checkpoint_unix).where(checkpoints.c.agent_id == agent_id)).scalar()
+    return int(value) if value is not None else None
+
+
+def write_checkpoint(conn: Connection, agent_id: str, checkpoint: int, now: datetime) -> None:
+    row = {"agent_id": agent_id, "checkpoint_unix": checkpoint, "updated_at": now}
+    if not insert_ignoring_conflict(conn, checkpoints, row, "agent_id"):
+        conn.execute(
+            sa.update(checkpoints)
+            .where(checkpoints.c.agent_id == agent_id)
+            .values(checkpoint_unix=checkpoint, updated_at=now)
+        )
+
+
+# --- run records -------------------------------------------------------------------------------------------------
+
+
+def start_run(conn: Connection, holder: str, now: datetime) -> int:
+    values = {"started_at": now, "status": "running", "holder": holder, "dry_run": False, **Counts().as_dict()}
+    run_id = conn.execute(sa.insert(runs).values(values).returning(runs.c.id)).scalar_one()
+    return int(run_id)
+
+
+def finish_run(conn: Connection, run_id: int, report: Report, windows: list[Window], now: datetime) -> None:
+    conn.execute(
+        sa.update(runs)
+        .where(runs.c.id == run_id)
+        .values(
+            finished_at=now,
+            status="succeeded" if report.ok else "failed",
+            agents=report.agents,
+            window_start_unix=min((w.start for w in windows), default=None),
+            window_end_unix=max((w.end for w in windows), default=None),
+            error="\n".join(report.errors) or None,
+            **report.counts.as_dict(),
+        )
+    )
