@@ -68,7 +68,8 @@ def describe(report: Report) -> str:
     line = f"{head}{len(report.agents)} agent(s): {_figures(report.counts, ', ')}"
     if report.dry_run:
         line += f"; a real run would fetch {report.details_needed} detail(s)"
-    lines = [line, *(f"  failed: {error}" for error in report.errors)]
+    lines = [line, *(f"  warning: {warning}" for warning in report.warnings)]
+    lines += [f"  failed: {error}" for error in report.errors]
     if not report.ok:
         lines.append("some conversations were not stored; the checkpoint stays before them and the next run retries")
     return "\n".join(lines)

@@ -62,7 +62,8 @@ class Report:
     dry_run: bool
     run_id: int | None = None
     details_needed: int = 0  # a dry run's count of the detail calls a real run would make
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # any error fails the run
+    warnings: list[str] = field(default_factory=list)  # sentences for a person; the run may still succeed
 
     @property
     def ok(self) -> bool:
@@ -74,6 +75,7 @@ class Report:
         if self.dry_run:
             out["details_needed"] = self.details_needed
         out["errors"] = self.errors
+        out["warnings"] = self.warnings
         return out
 
 

@@ -24,7 +24,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service.elevenlabs import ElevenLabsClient, ElevenLabsError, NotFound
+from service.elevenlabs import MAX_REASON_CHARS, ElevenLabsClient, ElevenLabsError, NotFound
 from service.reconcile.ledger import (
     LEASE_RENEW_SECONDS,
     Counts,
@@ -50,7 +50,7 @@ from service.reconcile.windows import (
 from service.record import payloads, store
 from service.record.merge import Observation, Source, is_final, merge
 from service.storage.audio import BlobStore
-from service.storage.db import transaction, unavailable_as_store_error
+from service.storage.db import StoreUnavailable, transaction, unavailable_as_store_error
 
 log = logging.getLogger("postcall.reconcile")
 T = TypeVar("T")
@@ -150,34 +150,52 @@ class Reconciler:
         return await anyio.to_thread.run_sync(transaction, self.engine, work)
 
     async def run(self, options: Options) -> Report:
-        """Raises LeaseHeld before doing anything when another run holds the lease."""
+        """Raises LeaseHeld before doing anything when another run holds the lease. Any other way a run ends is in
+        its report and its record: an exception is a failed run that names it, never one that looks fine."""
         report = Report(Counts(), agents=[], dry_run=options.dry_run)
+        windows: list[Window] = []
         if options.dry_run:
-            await self._agents_and_windows(options, report)
+            await self._guarded(options, report, windows)
             return report
         now = self._now()
         await self._db(lambda conn: acquire_lease(conn, self.holder, now))
         self._renewed = self.clock()
         try:
-            report.run_id = await self._db(lambda conn: start_run(conn, self.holder, now))
-            windows: list[Window] = []
+            run_id = await self._db(lambda conn: start_run(conn, self.holder, now))
+            report.run_id = run_id
             try:
-                windows = await self._agents_and_windows(options, report)
-            except (LeaseLost, ElevenLabsError) as exc:
-                report.errors.append(str(exc))
+                await self._guarded(options, report, windows)
             finally:
-                run_id = report.run_id
-                await self._db(lambda conn: finish_run(conn, run_id, report, windows, self._now()))
+                with anyio.CancelScope(shield=True):  # an interrupted run is recorded too
+                    await self._db(lambda conn: finish_run(conn, run_id, report, windows, self._now()))
         finally:
             with anyio.CancelScope(shield=True):
                 await self._db(lambda conn: release_lease(conn, self.holder))
         return report
 
-    async def _agents_and_windows(self, options: Options, report: Report) -> list[Window]:
-        agents = list(options.agents) or [a["agent_id"] async for a in self.client.agents() if a.get("agent_id")]
+    async def _guarded(self, options: Options, report: Report, windows: list[Window]) -> None:
+        """The run's work; when it ends in an exception, `report.errors` says which (re-raised only when it is an
+        interruption: KeyboardInterrupt, cancellation)."""
+        try:
+            await self._agents_and_windows(options, report, windows)
+        except (LeaseLost, ElevenLabsError) as exc:
+            report.errors.append(str(exc))
+        except StoreUnavailable as exc:
+            report.errors.append(f"database unavailable: {exc}")
+        except Exception as exc:
+            # A bug, or an answer nothing expected: the reason goes to the summary and the run record, the
+            # traceback to the log.
+            reason = f"unexpected error: {type(exc).__name__}: {str(exc)[:MAX_REASON_CHARS]}"
+            log.error("reconcile run failed: %s", reason, exc_info=exc)
+            report.errors.append(reason)
+        except BaseException:
+            report.errors.append("interrupted before it finished")
+            raise
+
+    async def _agents_and_windows(self, options: Options, report: Report, windows: list[Window]) -> None:
+        agents = list(options.agents) or await self._workspace_agents(report)
         report.agents = agents
         end = int(self.clock())
-        windows = []
         for agent_id in agents:
             checkpoint = await self._db(partial(read_checkpoint, agent_id=agent_id))
             try:
@@ -195,7 +213,26 @@ class Reconciler:
             log.info(
                 "agent %s: window %d..%d, checkpoint %s → %s", agent_id, window.start, window.end, checkpoint, moved
             )
-        return windows
+
+    async def _workspace_agents(self, report: Report) -> list[str]:
+        """Every usable agent id of the agent list. An entry without one (not an object, an id that is not a
+        string) is skipped with a warning; a list with entries but no usable id fails the run."""
+        agents: list[str] = []
+        skipped = 0
+        async for entry in self.client.agents():
+            agent_id = entry.get("agent_id") if isinstance(entry, dict) else None
+            # One rule for every id: a printable string the columns hold.
+            if isinstance(agent_id, str) and payloads.valid_conversation_id(agent_id):
+                agents.append(agent_id)
+            else:
+                skipped += 1
+        if skipped:
+            warning = f"skipped {skipped} agent(s) listed without a usable agent_id"
+            log.warning("%s", warning)
+            report.warnings.append(warning)
+        if skipped and not agents:
+            report.errors.append(f"the agent list held {skipped} entries and no usable agent_id: nothing was listed")
+        return agents
 
     async def _agent(self, agent_id: str, window: Window, options: Options, report: Report) -> _AgentOutcome:
         outcome = _AgentOutcome()

@@ -17,7 +17,8 @@ Every request needs the `xi-api-key` it was built with (else 401) and is logged 
 status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
 for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
 or `stall` for chosen kinds), with a body cut off (`truncate`), with a list cursor that repeats
-(`repeat_cursors`), and keeps conversations `processing` until a test finishes them (`set_status`).
+(`repeat_cursors`), with an agent list of any bytes (`agents_body`), and keeps conversations `processing` until
+a test finishes them (`set_status`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -38,6 +39,7 @@ Python API, for tests and for the session broker's tests:
         platform.truncate(1, abort=True)            # … or promises the whole body and drops the connection halfway
         platform.stall(2.0, None, kinds={"list"})   # list requests wait 2 s before answering, until clear_faults()
         platform.repeat_cursors = True              # a list page asked for with a cursor hands that cursor back
+        platform.agents_body = b'{"agents": ["a"]}' # the agent list answers exactly these bytes (200, JSON)
         platform.clear_faults()                     # every fault above (and throttles) off
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
@@ -139,6 +141,7 @@ class FakePlatform:
     calls: list[Call] = field(default_factory=list)
     log_calls: bool = True  # off for benchmarks with very many calls
     repeat_cursors: bool = False  # a list page asked for with a cursor answers has_more with that same cursor
+    agents_body: bytes | None = None  # when set, the agent list's answer: a malformed or hostile list
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -282,13 +285,14 @@ class FakePlatform:
             self._stalls.append(_Fault(times, _kinds(kinds), seconds=seconds))
 
     def clear_faults(self) -> None:
-        """Every on-demand fault off: throttles, failures, truncations, stalls and repeating cursors."""
+        """Every on-demand fault off: throttles, failures, truncations, stalls, repeating cursors, agent bodies."""
         with self._lock:
             self._throttles.clear()
             self._failures.clear()
             self._truncations.clear()
             self._stalls.clear()
             self.repeat_cursors = False
+            self.agents_body = None
             self._unstall.set()
             self._unstall = threading.Event()
 
@@ -425,6 +429,8 @@ class FakePlatform:
     # --- handlers (run under no lock of the caller; each takes the lock for its read) ---------------------------
 
     def _agents_page(self, request: Request) -> Response:
+        if self.agents_body is not None:
+            return Response(self.agents_body, media_type="application/json")
         size = _page_size(request)
         if isinstance(size, Response):
             return size

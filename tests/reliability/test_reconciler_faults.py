@@ -1,5 +1,5 @@
 """The reconciler against an API that misbehaves: 429s, 500s, truncated JSON, dropped connections, answers slower
-than the client's timeout, and a cursor that repeats.
+than the client's timeout, a cursor that repeats, an agent list it cannot use, and any exception at all.
 
 Whatever the fault, a run ends — within a generous bound — with a clear status (exit 1, a failed run record and a
 message naming the fault), never moves a checkpoint past a conversation it did not store, and a clean run
@@ -12,17 +12,25 @@ the first window did not reach); the fault is lifted and the next run must store
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import anyio
 import httpx
+import orjson
 import pytest
 from sqlalchemy.engine import Engine
 
 from service import elevenlabs
 from service.config import Settings
+from service.elevenlabs import ElevenLabsClient
+from service.reconcile.ledger import Report
+from service.reconcile.reconciler import Options, Reconciler
+from service.storage.audio import BlobStore
 from service.testing import FakeConversation, FakePlatform, seed_conversations
 from tests.support.reconcile import Run, checkpoint, reconcile, rows
 
@@ -157,6 +165,8 @@ def assert_a_clear_failure(run: Run, engine: Engine, names: str) -> None:
     assert record["finished_at"] is not None
     assert names in str(record["error"])
     assert rows(engine, "reconcile_lease") == []  # released: the next run is not locked out
+    for line in run.stderr.splitlines():  # the logs are JSON lines: a raw traceback would not be
+        json.loads(line)
 
 
 def assert_everything_stored(engine: Engine, platform: FakePlatform) -> None:
@@ -309,3 +319,106 @@ def test_a_passing_fault_is_retried_and_the_run_stores_everything(
     assert last_run_record(engine)["status"] == "succeeded"
     faulty = [call for call in platform.calls if call.kind in ("list", "detail") and call.status != 200]
     assert len(faulty) == (4 if fault.name in ("429", "500") else 0)  # stalls and cut-offs are logged as 200
+
+
+# --- a run is recorded as it ended (issue 18, item 8) ---------------------------------------------------------
+
+
+def agent_list(*entries: Any) -> bytes:
+    return orjson.dumps({"agents": list(entries), "next_cursor": None, "has_more": False})
+
+
+def test_agent_entries_without_a_usable_id_are_skipped_with_a_warning(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    platform.agents_body = agent_list(
+        {"agent_id": 5}, {"agent_id": None}, {"agent_id": ["agent_b"]}, {"name": "no id"}, {"agent_id": "agent_a"}
+    )
+
+    run = reconcile(settings, fake_url, KEY, "--json")
+
+    assert run.exit_code == 0, run.stderr
+    assert run.json["agents"] == ["agent_a"]
+    assert run.json["warnings"] == ["skipped 4 agent(s) listed without a usable agent_id"]
+    assert set(stored(engine)) == {c.conversation_id for c in platform.all() if c.agent_id == "agent_a"} != set()
+    assert last_run_record(engine)["status"] == "succeeded"
+    assert "skipped 4 agent(s)" in run.stderr  # logged as a warning too
+
+
+def test_an_agent_list_of_plain_strings_is_a_failed_run_not_a_crash(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    platform.agents_body = agent_list(*AGENTS)
+
+    run = reconcile(settings, fake_url, KEY, "--json")
+
+    assert_a_clear_failure(run, engine, "no usable agent_id")
+    assert stored(engine) == {}
+    assert checkpoint(engine, "agent_a") is None
+
+
+def test_a_deeply_nested_answer_is_a_failed_run_not_a_traceback(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    depth = 100_000
+    platform.agents_body = b'{"agents": ' + b"[" * depth + b"]" * depth + b"}"
+
+    run = reconcile(settings, fake_url, KEY, "--json")
+
+    # Today's client fails on the JSON itself (RecursionError); one that refuses the nesting says so in its words.
+    assert_a_clear_failure(run, engine, "")
+    assert run.json["errors"] == str(last_run_record(engine)["error"]).split("\n")
+    platform.clear_faults()
+    assert reconcile(settings, fake_url, KEY).exit_code == 0  # the next run is not locked out
+
+
+class BrokenClient:
+    """The real client, except that listing conversations raises `error` (a bug, or an answer nothing expected)."""
+
+    def __init__(self, client: ElevenLabsClient, error: BaseException) -> None:
+        self._client = client
+        self._error = error
+
+    def agents(self) -> AsyncIterator[dict[str, Any]]:
+        return self._client.agents()
+
+    async def conversation_pages(self, agent_id: str, after: int, before: int) -> AsyncIterator[list[dict[str, Any]]]:
+        raise self._error
+        yield []  # an async generator, like the real one
+
+
+def run_with(settings: Settings, engine: Engine, url: str, error: BaseException) -> Report:
+    async def go() -> Report:
+        async with ElevenLabsClient.open(url, KEY) as client:
+            broken: Any = BrokenClient(client, error)
+            return await Reconciler(engine, broken, BlobStore(settings.data_dir)).run(Options())
+
+    return anyio.run(go)
+
+
+def test_an_unexpected_exception_is_a_failed_run_with_its_reason_and_the_lease_released(
+    settings: Settings, engine: Engine, fake_url: str
+) -> None:
+    report = run_with(settings, engine, fake_url, RuntimeError("an answer nothing expected"))
+
+    assert not report.ok
+    assert report.errors == ["unexpected error: RuntimeError: an answer nothing expected"]
+    record = last_run_record(engine)
+    assert record["id"] == report.run_id
+    assert record["status"] == "failed"
+    assert record["error"] == "unexpected error: RuntimeError: an answer nothing expected"
+    assert rows(engine, "reconcile_lease") == []
+    assert rows(engine, "reconcile_checkpoint") == []
+
+
+def test_an_interrupted_run_is_recorded_failed_and_releases_the_lease(
+    settings: Settings, engine: Engine, fake_url: str
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        run_with(settings, engine, fake_url, KeyboardInterrupt())
+
+    record = last_run_record(engine)
+    assert record["status"] == "failed"
+    assert record["finished_at"] is not None
+    assert "interrupted" in record["error"]
+    assert rows(engine, "reconcile_lease") == []
