@@ -56,6 +56,9 @@ log = logging.getLogger("postcall.reconcile")
 T = TypeVar("T")
 
 MAX_ERRORS_KEPT = 20
+# 1,000,000 conversations per agent and window at 100 a page: far above a real window, and a run that meets an
+# API paging for ever (a new cursor each time: 17-19k requests in 20 s) ends within minutes, not never.
+MAX_PAGES_PER_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Options:
     dry_run: bool = False
     overlap: int = DEFAULT_OVERLAP_SECONDS
     lookback: int = FIRST_RUN_LOOKBACK_SECONDS
+    max_pages: int = MAX_PAGES_PER_WINDOW
+
+
+class EndlessListing(Exception):
+    """A listing still saying `has_more` after `Options.max_pages` pages: an API that pages for ever."""
 
 
 # What "updated" means to a person: the status or the content changed, not just `reconciled_at` (which every
@@ -236,13 +244,17 @@ class Reconciler:
 
     async def _agent(self, agent_id: str, window: Window, options: Options, report: Report) -> _AgentOutcome:
         outcome = _AgentOutcome()
+        pages = 0
         try:
             # The API's bounds are exclusive: start - 1 keeps a conversation that starts exactly at `start`.
             async for page in self.client.conversation_pages(agent_id, window.start - 1, window.end):
+                pages += 1
+                if pages > options.max_pages:
+                    raise EndlessListing(f"more than {options.max_pages} pages: the API keeps saying there is more")
                 await self._page(page, options, report, outcome)
                 if self.on_progress is not None:
                     self.on_progress(report.counts)
-        except ElevenLabsError as exc:
+        except (ElevenLabsError, EndlessListing) as exc:
             outcome.listing_failed = True
             report.counts.failed += 1
             report.errors.append(f"agent {agent_id}: listing conversations failed: {exc}")

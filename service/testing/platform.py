@@ -17,8 +17,8 @@ Every request needs the `xi-api-key` it was built with (else 401) and is logged 
 status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
 for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
 or `stall` for chosen kinds), with a body cut off (`truncate`), with a list cursor that repeats
-(`repeat_cursors`), with an agent list of any bytes (`agents_body`), and keeps conversations `processing` until
-a test finishes them (`set_status`).
+(`repeat_cursors`) or is new each time and never ends (`endless_cursors`), with an agent list of any bytes
+(`agents_body`), and keeps conversations `processing` until a test finishes them (`set_status`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -39,6 +39,7 @@ Python API, for tests and for the session broker's tests:
         platform.truncate(1, abort=True)            # … or promises the whole body and drops the connection halfway
         platform.stall(2.0, None, kinds={"list"})   # list requests wait 2 s before answering, until clear_faults()
         platform.repeat_cursors = True              # a list page asked for with a cursor hands that cursor back
+        platform.endless_cursors = True             # every list page says has_more, under a cursor never seen yet
         platform.agents_body = b'{"agents": ["a"]}' # the agent list answers exactly these bytes (200, JSON)
         platform.clear_faults()                     # every fault above (and throttles) off
 
@@ -74,6 +75,7 @@ DEFAULT_PAGE_SIZE = 30
 AUDIO_BYTES = 32 * 1024
 JWT_KEY = b"fake-livekit-api-secret"
 TOKEN_TTL_SECONDS = 600
+ENDLESS_CURSOR = "endless-"
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class FakePlatform:
     calls: list[Call] = field(default_factory=list)
     log_calls: bool = True  # off for benchmarks with very many calls
     repeat_cursors: bool = False  # a list page asked for with a cursor answers has_more with that same cursor
+    endless_cursors: bool = False  # every list page answers has_more with a new cursor (its first page again)
     agents_body: bytes | None = None  # when set, the agent list's answer: a malformed or hostile list
 
     def __post_init__(self) -> None:
@@ -292,6 +295,7 @@ class FakePlatform:
             self._truncations.clear()
             self._stalls.clear()
             self.repeat_cursors = False
+            self.endless_cursors = False
             self.agents_body = None
             self._unstall.set()
             self._unstall = threading.Event()
@@ -454,7 +458,7 @@ class FakePlatform:
         try:
             after = int(query["call_start_after_unix"]) if "call_start_after_unix" in query else None
             before = int(query["call_start_before_unix"]) if "call_start_before_unix" in query else None
-            cursor = _read_cursor(query.get("cursor"))
+            cursor = _read_cursor(self._cursor(query.get("cursor")))
         except ValueError:
             return _error(422, "invalid_parameters", "bad call_start_*_unix or cursor")
         with self._lock:
@@ -474,10 +478,16 @@ class FakePlatform:
                 page.append(self._by_id[key[1]].summary())
                 last = key
         next_cursor = _write_cursor(last) if more and last is not None else None
+        if self.endless_cursors:
+            next_cursor, more = f"{ENDLESS_CURSOR}{secrets.token_hex(8)}", True
         if self.repeat_cursors and cursor is not None:
             # A broken API: the page for a cursor points back to that same cursor, so paging never ends.
             next_cursor, more = query["cursor"], True
         return _json({"conversations": page, "next_cursor": next_cursor, "has_more": more})
+
+    def _cursor(self, text: str | None) -> str | None:
+        """An endless listing's cursors all lead back to its first page."""
+        return None if self.endless_cursors and text and text.startswith(ENDLESS_CURSOR) else text
 
     def _detail(self, request: Request) -> Response:
         with self._lock:

@@ -1,5 +1,5 @@
 """The reconciler against an API that misbehaves: 429s, 500s, truncated JSON, dropped connections, answers slower
-than the client's timeout, a cursor that repeats, an agent list it cannot use, and any exception at all.
+than the client's timeout, a cursor that repeats or never ends, an agent list it cannot use, and any exception at all.
 
 Whatever the fault, a run ends — within a generous bound — with a clear status (exit 1, a failed run record and a
 message naming the fault), never moves a checkpoint past a conversation it did not store, and a clean run
@@ -422,3 +422,45 @@ def test_an_interrupted_run_is_recorded_failed_and_releases_the_lease(
     assert record["finished_at"] is not None
     assert "interrupted" in record["error"]
     assert rows(engine, "reconcile_lease") == []
+
+
+# --- a run is bounded (issue 18, item 9) ------------------------------------------------------------------------
+
+
+def reconcile_directly(settings: Settings, engine: Engine, url: str, options: Options) -> Report:
+    """One run through the Reconciler itself (for what the command does not expose); failed if it outlasts the
+    bound rather than left to hang."""
+
+    async def go() -> Report:
+        with anyio.fail_after(RUN_BOUND_SECONDS):
+            async with ElevenLabsClient.open(url, KEY) as client:
+                return await Reconciler(engine, client, BlobStore(settings.data_dir)).run(options)
+
+    return anyio.run(go)
+
+
+def test_a_listing_that_never_ends_fails_the_run_after_its_page_bound_and_holds_the_checkpoint(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    before = first_clean_run(settings, engine, platform, fake_url)
+    add_new_conversations(platform)
+    platform.endless_cursors = True  # every page says there is more, under a cursor never seen before
+    platform.reset_calls()
+
+    report = reconcile_directly(settings, engine, fake_url, Options(max_pages=20))
+
+    assert not report.ok
+    assert report.counts.failed == len(AGENTS)
+    for agent_id in AGENTS:
+        assert f"agent {agent_id}: listing conversations failed: more than 20 pages" in "\n".join(report.errors)
+        assert len([call for call in platform.calls_to("list") if call.query["agent_id"] == agent_id]) == 21
+    record = last_run_record(engine)
+    assert record["id"] == report.run_id and record["status"] == "failed"
+    assert "more than 20 pages" in str(record["error"])
+    assert rows(engine, "reconcile_lease") == []
+    assert checkpoints(engine) == before
+    assert_checkpoints_are_honest(engine, platform)
+
+    platform.clear_faults()
+    assert reconcile_directly(settings, engine, fake_url, Options(max_pages=20)).ok
+    assert_everything_stored(engine, platform)
