@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
 
 from service.reconcile.command import describe
 from service.reconcile.ledger import COUNTS, RUN_FIELDS, Counts, Report, finish_run, runs, start_run
@@ -47,4 +50,11 @@ def test_the_summary_and_the_json_object_name_every_count() -> None:
     for i, name in enumerate(COUNTS):
         assert f"{name.replace('_', ' ')} {10 + i}" in summary, name
         assert report.as_dict()[name] == 10 + i
-    assert "listed 10, new 11, updated 12, details fetched 13, audio fetched 14, failed 15" in summary
+    assert "listed 10, new 11, updated 12, details fetched 13, audio fetched 14, failed 15, given up 16" in summary
+
+
+def test_the_migrations_build_the_reconcile_tables_as_the_models_describe_them(engine: Engine) -> None:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        differences = compare_metadata(context, SQLModel.metadata)
+    assert [difference for difference in differences if "reconcile_" in repr(difference)] == []

@@ -4,6 +4,9 @@
   and a crashed run's lease expires after LEASE_TTL_SECONDS.
 - A checkpoint (`reconcile_checkpoint`, per agent) is where the next run's window starts (see windows.py).
 - Each run is a row of `reconcile_run`: started `running`, finished `succeeded` or `failed` with its `Report`.
+- A conversation whose detail answers 404 is counted in `reconcile_not_found`, once per run; after
+  GIVE_UP_AFTER_RUNS runs it is given up (reported, and it no longer holds the checkpoint) instead of failing
+  every run for ever.
 
 `Counts` is the one list of a run's counts: the run record's count columns, the `--json` object, the summary and
 `RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function takes a Connection inside a
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,15 +28,18 @@ from sqlalchemy.engine import Connection
 
 from service.reconcile.windows import Window
 from service.storage.db import insert_ignoring_conflict
-from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileRun
+from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileNotFound, ReconcileRun
 
 LEASE_NAME = "reconcile"
 LEASE_TTL_SECONDS = 600
 LEASE_RENEW_SECONDS = 60
+# Five runs of an hourly cron: a detail that ElevenLabs lists but still cannot find by then is not coming back.
+GIVE_UP_AFTER_RUNS = 5
 
 checkpoints: sa.Table = ReconcileCheckpoint.__table__  # type: ignore[attr-defined]
 runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 leases: sa.Table = ReconcileLease.__table__  # type: ignore[attr-defined]
+not_found: sa.Table = ReconcileNotFound.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Counts:
     details_fetched: int = 0
     audio_fetched: int = 0
     failed: int = 0
+    given_up: int = 0  # details that answered 404 in GIVE_UP_AFTER_RUNS runs: reported, no longer retried
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -172,6 +180,45 @@ def finish_run(conn: Connection, run_id: int, report: Report, windows: list[Wind
             window_start_unix=min((w.start for w in windows), default=None),
             window_end_unix=max((w.end for w in windows), default=None),
             error="\n".join(report.errors) or None,
+            warnings=report.warnings,
             **report.counts.as_dict(),
         )
     )
+
+
+# --- details that answer 404 -------------------------------------------------------------------------------------
+
+
+def count_not_found(conn: Connection, conversation_ids: Sequence[str], run_id: int, now: datetime) -> dict[str, int]:
+    """One more run that met a 404 for each of `conversation_ids` (a run counts once, however often it asks);
+    returns each one's number of such runs. One run at a time holds the lease, so nobody else writes these rows."""
+    ids = sorted(set(conversation_ids))
+    query = sa.select(not_found.c.conversation_id, not_found.c.runs, not_found.c.last_run_id)
+    known = {row.conversation_id: row for row in conn.execute(query.where(not_found.c.conversation_id.in_(ids)))}
+    runs: dict[str, int] = {}
+    for conversation_id in ids:
+        row = known.get(conversation_id)
+        if row is None:
+            values = {"runs": 1, "last_run_id": run_id, "first_at": now, "last_at": now}
+            conn.execute(sa.insert(not_found).values(conversation_id=conversation_id, **values))
+            runs[conversation_id] = 1
+        elif row.last_run_id == run_id:
+            runs[conversation_id] = row.runs
+        else:
+            counted = not_found.update().where(not_found.c.conversation_id == conversation_id)
+            conn.execute(counted.values(runs=row.runs + 1, last_run_id=run_id, last_at=now))
+            runs[conversation_id] = row.runs + 1
+    return runs
+
+
+def given_up_among(conn: Connection, conversation_ids: Sequence[str]) -> set[str]:
+    """Those of `conversation_ids` whose detail answered 404 in GIVE_UP_AFTER_RUNS runs: not asked for again."""
+    query = sa.select(not_found.c.conversation_id).where(
+        not_found.c.conversation_id.in_(conversation_ids), not_found.c.runs >= GIVE_UP_AFTER_RUNS
+    )
+    return set(conn.execute(query).scalars())
+
+
+def forget_not_found(conn: Connection, conversation_ids: Sequence[str]) -> None:
+    """Their details were found after all: the count starts again should one go missing later."""
+    conn.execute(sa.delete(not_found).where(not_found.c.conversation_id.in_(conversation_ids)))

@@ -26,13 +26,17 @@ from sqlalchemy.engine import Connection, Engine
 
 from service.elevenlabs import MAX_REASON_CHARS, ElevenLabsClient, ElevenLabsError, NotFound
 from service.reconcile.ledger import (
+    GIVE_UP_AFTER_RUNS,
     LEASE_RENEW_SECONDS,
     Counts,
     LeaseLost,
     Report,
     acquire_lease,
+    count_not_found,
     default_holder,
     finish_run,
+    forget_not_found,
+    given_up_among,
     read_checkpoint,
     release_lease,
     renew_lease,
@@ -118,15 +122,15 @@ def _stored_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str,
 
 @dataclass
 class _AgentOutcome:
-    failed_starts: list[int] = field(default_factory=list)
-    pending_starts: list[int] = field(default_factory=list)
+    failed_starts: list[int | None] = field(default_factory=list)  # None: the summary carried no start time
+    pending_starts: list[int | None] = field(default_factory=list)
     listing_failed: bool = False
 
 
 @dataclass(frozen=True)
 class _Listed:
     conversation_id: str
-    start: int
+    start: int | None
     status: str | None
 
 
@@ -235,9 +239,7 @@ class Reconciler:
             else:
                 skipped += 1
         if skipped:
-            warning = f"skipped {skipped} agent(s) listed without a usable agent_id"
-            log.warning("%s", warning)
-            report.warnings.append(warning)
+            self._warn(report, f"skipped {skipped} agent(s) listed without a usable agent_id")
         if skipped and not agents:
             report.errors.append(f"the agent list held {skipped} entries and no usable agent_id: nothing was listed")
         return agents
@@ -273,22 +275,26 @@ class Reconciler:
             await self._dry_page(observations, report)
             return
         await self._keep_lease()
-        flags, changes = await self._db(lambda conn: _apply_summaries(conn, observations, at))
+        ids = list(listed)
+        (flags, changes), gone = await self._db(
+            lambda conn: (_apply_summaries(conn, observations, at), given_up_among(conn, ids))
+        )
         tally = _Tally(changes)
         wanted: list[_Listed] = []
         for item in listed.values():
             complete = bool(flags.get(item.conversation_id, {}).get("complete"))
             if not is_final(item.status):
                 out.pending_starts.append(item.start)
-            elif not complete:
-                if options.details:
-                    wanted.append(item)
-                else:
-                    out.failed_starts.append(item.start)  # not failed, but not stored in full: hold the checkpoint
+            elif complete or item.conversation_id in gone:  # a detail given up is not asked for again
+                continue
+            elif options.details:
+                wanted.append(item)
+            else:
+                out.failed_starts.append(item.start)  # not failed, but not stored in full: hold the checkpoint
         details = await self._fetch_details(wanted, report, out)
         if details:
             observations = [payloads.detail_observation(d, Source.DETAIL, self._now()) for d in details]
-            detail_changes = await self._db(lambda conn: store.apply_many(conn, observations, self._now()))
+            detail_changes = await self._db(lambda conn: _store_details(conn, observations, self._now()))
             tally.add(detail_changes)
             for detail in details:
                 if not is_final(detail.get("status") if isinstance(detail.get("status"), str) else None):
@@ -309,10 +315,14 @@ class Reconciler:
 
     async def _fetch_details(self, wanted: list[_Listed], report: Report, out: _AgentOutcome) -> list[dict[str, Any]]:
         details: list[dict[str, Any]] = []
+        missing: list[tuple[_Listed, NotFound]] = []
 
         async def fetch(item: _Listed) -> None:
             try:
                 detail = await self.client.conversation(item.conversation_id)
+            except NotFound as exc:
+                missing.append((item, exc))
+                return
             except ElevenLabsError as exc:
                 self._failed(item, f"detail: {exc}", report, out)
                 return
@@ -325,7 +335,26 @@ class Reconciler:
         async with anyio.create_task_group() as group:
             for item in wanted:
                 group.start_soon(fetch, item)
+        if missing:
+            await self._not_found(missing, report, out)
         return details
+
+    async def _not_found(self, missing: list[tuple[_Listed, NotFound]], report: Report, out: _AgentOutcome) -> None:
+        """A detail that answers 404 fails the run (and holds the checkpoint) until GIVE_UP_AFTER_RUNS runs have
+        each met the 404: then it is given up, reported as such, and holds nothing any more."""
+        run_id = report.run_id
+        assert run_id is not None  # a dry run fetches no details
+        ids = [item.conversation_id for item, _ in missing]
+        runs = await self._db(lambda conn: count_not_found(conn, ids, run_id, self._now()))
+        for item, exc in missing:
+            met = runs[item.conversation_id]
+            if met < GIVE_UP_AFTER_RUNS:
+                why = f"detail: {exc} (404 in {met} of the {GIVE_UP_AFTER_RUNS} runs before it is given up)"
+                self._failed(item, why, report, out)
+                continue
+            report.counts.given_up += 1
+            given_up = f"{item.conversation_id}: detail: 404 in {met} runs; given up, stored from its summary only"
+            self._warn(report, given_up)
 
     async def _fetch_audio(self, items: list[_Listed], report: Report, out: _AgentOutcome, tally: _Tally) -> None:
         async def fetch(item: _Listed) -> None:
@@ -357,6 +386,11 @@ class Reconciler:
             report.errors.append(message)
         log.error("%s", message)
 
+    def _warn(self, report: Report, message: str) -> None:
+        if len(report.warnings) < MAX_ERRORS_KEPT:
+            report.warnings.append(message)
+        log.warning("%s", message)
+
     async def _keep_lease(self) -> None:
         if self.clock() - self._renewed < LEASE_RENEW_SECONDS:
             return
@@ -367,14 +401,14 @@ class Reconciler:
     async def _dry_page(self, observations: list[Observation], report: Report) -> None:
         """Count what a real run would do, from the stored records and the pure merge; write nothing."""
         ids = [obs.conversation_id for obs in observations]
-        stored = await anyio.to_thread.run_sync(_read_records, self.engine, ids)
+        stored, gone = await anyio.to_thread.run_sync(_read_records, self.engine, ids)
         for obs in observations:
             record = stored.get(obs.conversation_id)
             if record is None:
                 report.counts.new += 1
             elif merge(record, obs) != record:
                 report.counts.updated += 1
-            if is_final(obs.status) and not (record or {}).get("complete"):
+            if is_final(obs.status) and not (record or {}).get("complete") and obs.conversation_id not in gone:
                 report.details_needed += 1
 
 
@@ -413,11 +447,17 @@ def _apply_summaries(
     return before, changes
 
 
-def _read_records(engine: Engine, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _store_details(conn: Connection, observations: list[Observation], now: datetime) -> dict[str, store.Change]:
+    forget_not_found(conn, [obs.conversation_id for obs in observations])
+    return store.apply_many(conn, observations, now)
+
+
+def _read_records(engine: Engine, ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The stored records among `ids`, and those whose detail was given up."""
     with unavailable_as_store_error(), engine.connect() as conn:
-        return _stored_records(conn, ids)
+        return _stored_records(conn, ids), given_up_among(conn, ids)
 
 
 def _listed(obs: Observation) -> _Listed:
     start = obs.fields.get("start_time_unix_secs")
-    return _Listed(obs.conversation_id, start if isinstance(start, int) else 0, obs.status)
+    return _Listed(obs.conversation_id, start if isinstance(start, int) else None, obs.status)

@@ -92,23 +92,30 @@ def plan_window(
 def next_checkpoint(
     previous: int | None,
     window: Window,
-    failed_starts: Iterable[int],
-    pending_starts: Iterable[int] = (),
+    failed_starts: Iterable[int | None],
+    pending_starts: Iterable[int | None] = (),
 ) -> int | None:
     """Where the checkpoint goes after a run over `window`.
 
     - It never moves past a conversation that failed, nor past one that is not final yet (unless stuck for
       longer than PENDING_HORIZON_SECONDS): the next run lists from there again.
-    - With nothing held back it moves to the window's end, but never backwards, and never across a gap between
-      the old checkpoint and a `--since` that starts after it (that gap was not listed).
+    - A conversation held back without a start time (None), or with one before the window, holds at the window's
+      start: the API listed it inside the window, and reading it as 0 would make every later run list all history.
+    - It never moves backwards: a failure before the stored checkpoint (a `--since` run over older times) leaves
+      it where it is. With nothing held back it moves to the window's end, but never across a gap between the old
+      checkpoint and a `--since` that starts after it (that gap was not listed).
     """
     horizon = window.end - PENDING_HORIZON_SECONDS
-    holds = [*failed_starts, *(start for start in pending_starts if start >= horizon)]
+    pending = [_within(window, start) for start in pending_starts]
+    holds = [*(_within(window, start) for start in failed_starts), *(start for start in pending if start >= horizon)]
     if previous is not None and window.start > previous:
         return previous  # everything held back lies after the unlisted gap, hence after `previous` too
-    if holds:
-        return min(holds)
-    return window.end if previous is None else max(previous, window.end)
+    moved = min(holds) if holds else window.end
+    return moved if previous is None else max(previous, moved)
+
+
+def _within(window: Window, start: int | None) -> int:
+    return window.start if start is None else max(start, window.start)
 
 
 def _iso(unix: int) -> str:

@@ -142,7 +142,21 @@ class ReconcileRun(SQLModel, table=True):
     details_fetched: int = 0
     audio_fetched: int = 0
     failed: int = 0
+    given_up: int = 0
     error: str | None = Field(default=None, sa_type=sa.Text)
+    warnings: list[Any] | None = _json()  # sentences for a person; a run with warnings may still succeed
+
+
+class ReconcileNotFound(SQLModel, table=True):
+    """A conversation the API lists but whose detail answers 404: how many runs met that, until one gives it up."""
+
+    __tablename__ = "reconcile_not_found"
+
+    conversation_id: str = Field(primary_key=True, max_length=256)
+    runs: int  # runs that got 404 for it (each counts once)
+    last_run_id: int
+    first_at: datetime = _time(nullable=False)
+    last_at: datetime = _time(nullable=False)
 
 
 class ReconcileLease(SQLModel, table=True):

@@ -18,7 +18,8 @@ status, the request's and the answer's headers). On demand it answers 429 with `
 for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
 or `stall` for chosen kinds), with a body cut off (`truncate`), with a list cursor that repeats
 (`repeat_cursors`) or is new each time and never ends (`endless_cursors`), with an agent list of any bytes
-(`agents_body`), and keeps conversations `processing` until a test finishes them (`set_status`).
+(`agents_body`), with summaries that lack their start time (`summaries_without_start`), and keeps conversations
+`processing` until a test finishes them (`set_status`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -145,6 +146,7 @@ class FakePlatform:
     repeat_cursors: bool = False  # a list page asked for with a cursor answers has_more with that same cursor
     endless_cursors: bool = False  # every list page answers has_more with a new cursor (its first page again)
     agents_body: bytes | None = None  # when set, the agent list's answer: a malformed or hostile list
+    summaries_without_start: set[str] = field(default_factory=set)  # ids listed without start_time_unix_secs
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -475,7 +477,7 @@ class FakePlatform:
                 if len(page) == size:
                     more = True
                     break
-                page.append(self._by_id[key[1]].summary())
+                page.append(self._summary(key[1]))
                 last = key
         next_cursor = _write_cursor(last) if more and last is not None else None
         if self.endless_cursors:
@@ -484,6 +486,12 @@ class FakePlatform:
             # A broken API: the page for a cursor points back to that same cursor, so paging never ends.
             next_cursor, more = query["cursor"], True
         return _json({"conversations": page, "next_cursor": next_cursor, "has_more": more})
+
+    def _summary(self, conversation_id: str) -> dict[str, Any]:
+        summary = self._by_id[conversation_id].summary()
+        if conversation_id in self.summaries_without_start:
+            del summary["start_time_unix_secs"]
+        return summary
 
     def _cursor(self, text: str | None) -> str | None:
         """An endless listing's cursors all lead back to its first page."""

@@ -464,3 +464,93 @@ def test_a_listing_that_never_ends_fails_the_run_after_its_page_bound_and_holds_
     platform.clear_faults()
     assert reconcile_directly(settings, engine, fake_url, Options(max_pages=20)).ok
     assert_everything_stored(engine, platform)
+
+
+# --- the checkpoint never moves backwards; a detail gone for good is given up (issue 18, item 11) ------------------
+
+
+def test_a_failed_conversation_without_a_start_time_never_moves_the_checkpoint_back(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    before = first_clean_run(settings, engine, platform, fake_url)
+    platform.add(FakeConversation("conv_no_start", "agent_a", NOW - 60, status="done"))
+    platform.summaries_without_start.add("conv_no_start")
+    platform.failing_ids.add("conv_no_start")
+
+    failed = bounded_reconcile(settings, fake_url)
+
+    assert_a_clear_failure(failed, engine, "conv_no_start")
+    assert checkpoint(engine, "agent_a") == before["agent_a"]  # not 0: the next run does not list all history
+    moved = checkpoint(engine, "agent_b")
+    assert moved is not None and moved > FIRST_RUN_UNTIL
+
+    platform.failing_ids.clear()
+    platform.reset_calls()
+    fixed = bounded_reconcile(settings, fake_url, "--agent", "agent_a")
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert int(platform.calls_to("list")[0].query["call_start_after_unix"]) == FIRST_RUN_UNTIL - 3600 - 1
+    assert stored(engine)["conv_no_start"]["complete"]
+    assert_everything_stored(engine, platform)
+
+
+def not_found_runs(engine: Engine, conversation_id: str) -> int | None:
+    found = [row["runs"] for row in rows(engine, "reconcile_not_found") if row["conversation_id"] == conversation_id]
+    return found[0] if found else None
+
+
+def test_a_detail_that_answers_404_in_five_runs_is_given_up_reported_and_no_longer_holds_the_checkpoint(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    first_clean_run(settings, engine, platform, fake_url)
+    ghost = FakeConversation("conv_ghost", "agent_a", NOW - 120, status="done")
+    platform.add(ghost)
+    platform.fail(None, 404, kinds={"detail"})  # listed, but its detail is not found, run after run
+
+    for run_number in range(1, 5):
+        failed = bounded_reconcile(settings, fake_url)
+        assert_a_clear_failure(failed, engine, "conv_ghost: detail: HTTP 404")
+        assert f"404 in {run_number} of the 5 runs" in "\n".join(failed.json["errors"])
+        assert failed.json["given_up"] == 0
+        assert not_found_runs(engine, "conv_ghost") == run_number
+        held = checkpoint(engine, "agent_a")
+        assert held is not None and held <= ghost.start_time_unix_secs
+
+    fifth = bounded_reconcile(settings, fake_url)
+
+    assert fifth.exit_code == 0, fifth.stderr
+    assert fifth.json["failed"] == 0 and fifth.json["given_up"] == 1
+    assert fifth.json["warnings"] == ["conv_ghost: detail: 404 in 5 runs; given up, stored from its summary only"]
+    record = last_run_record(engine)
+    assert record["status"] == "succeeded"
+    assert record["given_up"] == 1 and record["warnings"] == fifth.json["warnings"]
+    moved = checkpoint(engine, "agent_a")
+    assert moved is not None and moved > ghost.start_time_unix_secs
+    assert not stored(engine)["conv_ghost"]["complete"]  # kept as listed
+    assert reconcile(settings, fake_url, KEY, "--dry-run", "--json").json["details_needed"] == 0
+
+    platform.reset_calls()
+    later = bounded_reconcile(settings, fake_url, "--since", "1d")
+
+    assert later.exit_code == 0, later.stderr
+    assert platform.calls_to("detail") == []  # given up: not asked for again
+    assert later.json["given_up"] == 0 and later.json["warnings"] == []
+
+
+def test_a_detail_found_after_some_404s_is_stored_and_its_count_forgotten(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    first_clean_run(settings, engine, platform, fake_url)
+    platform.add(FakeConversation("conv_late", "agent_a", NOW - 120, status="done"))
+    platform.fail(None, 404, kinds={"detail"})
+    for _ in range(2):
+        assert bounded_reconcile(settings, fake_url).exit_code == 1
+    assert not_found_runs(engine, "conv_late") == 2
+
+    platform.clear_faults()
+    fixed = bounded_reconcile(settings, fake_url)
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert stored(engine)["conv_late"]["complete"]
+    assert not_found_runs(engine, "conv_late") is None
+    assert_everything_stored(engine, platform)

@@ -14,7 +14,14 @@ from service.storage.db import create_engine
 from service.storage.migrations import upgrade
 
 PG_ADMIN_URL = os.environ.get("POSTCALL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TABLES = ("conversation", "webhook_event", "reconcile_checkpoint", "reconcile_run", "reconcile_lease")
+TABLES = (
+    "conversation",
+    "webhook_event",
+    "reconcile_checkpoint",
+    "reconcile_run",
+    "reconcile_lease",
+    "reconcile_not_found",
+)
 
 
 @contextmanager
