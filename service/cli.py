@@ -187,7 +187,7 @@ def reconcile(
 
     from service.reconcile.command import execute
     from service.reconcile.reconciler import Options
-    from service.reconcile.windows import WindowError, parse_instant
+    from service.reconcile.windows import WindowError, check_bounds, parse_instant
 
     now = int(time.time())
     start = end = None
@@ -197,8 +197,10 @@ def reconcile(
         except WindowError as exc:
             fail(f"--{name}: {exc}")
         start, end = (value, end) if name == "since" else (start, value)
-    if start is not None and end is not None and start >= end:
-        fail("--since must be before --until")
+    try:
+        check_bounds(start, end, now)
+    except WindowError as exc:
+        fail(str(exc))
     settings = settings_or_exit(("elevenlabs_api_key", "reconcile"))
     setup_logging()
     options = Options(

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -17,10 +18,12 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.config import Settings
 from service.reconcile.ledger import acquire_lease
-from service.storage.db import transaction
+from service.storage.db import create_engine, transaction
+from service.storage.migrations import upgrade
 from service.testing import FakePlatform, seed_conversations
+from tests.support.databases import postgres_database
 from tests.support.process import ROOT
-from tests.support.reconcile import cli_env, reconcile, rows
+from tests.support.reconcile import checkpoint, cli_env, reconcile, rows
 
 KEY = "cli-key"
 NOW = int(time.time())
@@ -136,3 +139,61 @@ def test_two_concurrent_runs_one_exits_3(settings: Settings, engine: Engine, pla
     assert f"pid {first.pid}" in second.stderr.decode()
     assert second.stdout == b""
     assert json.loads(out)["listed"] == 12
+
+
+@pytest.mark.parametrize("since", ["2099-01-01", "1h"])
+def test_a_window_that_starts_in_the_future_is_a_usage_error_and_records_no_run(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str, since: str
+) -> None:
+    if since == "1h":  # an --until before now, with --since after it, is the other way to start after the end
+        run = reconcile(settings, fake_url, KEY, "--since", since, "--until", "2h")
+        assert "--since must be before --until" in run.stderr
+    else:
+        run = reconcile(settings, fake_url, KEY, "--since", since)
+        assert "--since 2099-01-01T00:00:00Z is in the future" in run.stderr
+    assert run.exit_code == 2
+    assert platform.calls == []
+    assert rows(engine, "reconcile_run") == []
+
+
+def test_until_in_the_future_ends_the_window_now_and_never_puts_the_checkpoint_there(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    before = int(time.time())
+    run = reconcile(settings, fake_url, KEY, "--until", "2099-01-01", "--json")
+    after = int(time.time())
+
+    assert run.exit_code == 0, run.stderr
+    assert before <= int(platform.calls_to("list")[-1].query["call_start_before_unix"]) <= after
+    held = checkpoint(engine, "agent_a")
+    assert held is not None and held <= after  # a checkpoint in 2099 would skip every conversation until then
+    assert run.json["listed"] == 12
+
+
+@pytest.fixture
+def unmigrated_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A database of the same kind that `postcall migrate` never touched."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'never-migrated.db'}"
+        return
+    with postgres_database(migrated=False) as url:
+        yield url
+
+
+@pytest.mark.parametrize(("at", "says"), [(None, "no migration has run"), ("0003", "it is at migration 0003")])
+def test_a_database_not_migrated_is_a_usage_error_that_says_to_migrate(
+    settings: Settings, unmigrated_url: str, platform: FakePlatform, fake_url: str, at: str | None, says: str
+) -> None:
+    if at is not None:  # migrated by an older postcall
+        engine = create_engine(unmigrated_url)
+        upgrade(engine, at)
+        engine.dispose()
+    unmigrated = settings.model_copy(update={"database_url": unmigrated_url})
+
+    run = reconcile(unmigrated, fake_url, KEY)
+
+    assert run.exit_code == 2
+    assert f"the database is not migrated ({says}" in run.stderr
+    assert "postcall migrate" in run.stderr
+    assert "unavailable" not in run.stderr
+    assert platform.calls == []

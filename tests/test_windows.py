@@ -14,6 +14,7 @@ from service.reconcile.windows import (
     PENDING_HORIZON_SECONDS,
     Window,
     WindowError,
+    check_bounds,
     next_checkpoint,
     parse_duration,
     parse_instant,
@@ -67,11 +68,33 @@ def test_later_runs_start_an_overlap_before_the_checkpoint() -> None:
 
 @given(st.one_of(st.none(), unix), unix, unix)
 def test_since_overrides_the_checkpoint_and_until_pins_the_end(checkpoint: int | None, since: int, until: int) -> None:
-    if since >= until:
+    end = min(until, NOW)  # never past now: a window (and a checkpoint) cannot reach conversations not yet listed
+    if since >= end:
         with pytest.raises(WindowError, match="empty"):
             plan_window(checkpoint, NOW, since=since, until=until)
     else:
-        assert plan_window(checkpoint, NOW, since=since, until=until) == Window(since, until)
+        assert plan_window(checkpoint, NOW, since=since, until=until) == Window(since, end)
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "message"),
+    [
+        (NOW, None, "in the future"),
+        (NOW + 86400, NOW + 2 * 86400, "in the future"),
+        (NOW - 60, NOW - 120, "--since must be before --until"),
+        (NOW - 60, NOW - 60, "--since must be before --until"),
+    ],
+)
+def test_bounds_that_make_an_empty_window_are_usage_errors(since: int, until: int | None, message: str) -> None:
+    with pytest.raises(WindowError, match=message):
+        check_bounds(since, until, NOW)
+
+
+def test_bounds_that_leave_a_window_are_fine() -> None:
+    check_bounds(None, None, NOW)
+    check_bounds(NOW - 60, None, NOW)
+    check_bounds(NOW - 60, NOW + 86400, NOW)  # --until in the future: the window ends now
+    check_bounds(None, NOW - 86400, NOW)
 
 
 @given(st.one_of(st.none(), unix), unix, unix)

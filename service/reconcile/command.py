@@ -1,7 +1,8 @@
 """`postcall reconcile` behind the argument parsing: build the parts, run, report, choose the exit status.
 
 Exit statuses (PRODUCT.md): 0 everything stored; 1 anything failed after retries (or the database is down);
-2 usage or configuration errors (the CLI checks those before calling here); 3 another run holds the lease.
+2 usage or configuration errors (the CLI checks the arguments before calling here; a database not migrated is
+checked here); 3 another run holds the lease.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from service.reconcile.ledger import Counts, LeaseHeld, Report
 from service.reconcile.reconciler import Options, Reconciler
 from service.storage.audio import BlobStore
 from service.storage.db import StoreUnavailable, create_engine
+from service.storage.migrations import unmigrated
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_LEASE_HELD = 3
 
 
@@ -45,6 +48,10 @@ def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO 
             return await reconciler.run(options)
 
     try:
+        behind = unmigrated(engine)
+        if behind is not None:
+            print(f"postcall: the database is not migrated ({behind}): run `postcall migrate` first", file=sys.stderr)
+            return EXIT_USAGE
         with _progress(enabled=not as_json) as on_progress:
             report = anyio.run(go, on_progress)
     except LeaseHeld as exc:

@@ -60,6 +60,14 @@ def parse_instant(text: str, now: int) -> int:
     return int(parsed.timestamp())
 
 
+def check_bounds(since: int | None, until: int | None, now: int) -> None:
+    """WindowError, for the user, when `--since`/`--until` make a window that can hold nothing."""
+    if since is not None and since >= now:
+        raise WindowError(f"--since {_iso(since)} is in the future: there is nothing to reconcile yet")
+    if since is not None and until is not None and since >= until:
+        raise WindowError("--since must be before --until")
+
+
 @dataclass(frozen=True)
 class Window:
     """Conversations whose start time is in `[start, end)`, unix seconds."""
@@ -76,14 +84,16 @@ def plan_window(
     overlap: int = DEFAULT_OVERLAP_SECONDS,
     lookback: int = FIRST_RUN_LOOKBACK_SECONDS,
 ) -> Window:
-    """The window of one agent's run: `--since` wins, else checkpoint minus overlap, else `lookback` back."""
+    """The window of one agent's run: `--since` wins, else checkpoint minus overlap, else `lookback` back; it
+    ends at `--until` or now, whichever comes first."""
     if since is not None:
         start = since
     elif checkpoint is not None:
         start = checkpoint - overlap
     else:
         start = now - lookback
-    end = until if until is not None else now
+    # Never past now: a checkpoint moved to a future `--until` would pass conversations not yet listed.
+    end = min(until, now) if until is not None else now
     if start >= end:
         raise WindowError(f"the window is empty: it starts at {_iso(start)} and ends at {_iso(end)}")
     return Window(max(start, 0), end)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from alembic import command
@@ -26,3 +28,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
         conn.commit()
+
+
+def unmigrated(engine: Engine) -> str | None:
+    """Why the database is not at the newest migration, for a person; None when it is. StoreUnavailable when it
+    cannot be reached."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with unavailable_as_store_error(), engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return None
+    return "no migration has run" if current is None else f"it is at migration {current}, this postcall needs {head}"

@@ -25,8 +25,8 @@ TABLES = (
 
 
 @contextmanager
-def postgres_database() -> Iterator[str]:
-    """Create a uniquely named database, migrate it, yield its URL, drop it."""
+def postgres_database(migrated: bool = True) -> Iterator[str]:
+    """Create a uniquely named database, migrate it (unless not `migrated`), yield its URL, drop it."""
     name = f"postcall_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
     try:
@@ -41,7 +41,8 @@ def postgres_database() -> Iterator[str]:
     url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     engine = create_engine(url)
     try:
-        upgrade(engine)
+        if migrated:
+            upgrade(engine)
         engine.dispose()
         yield url
     finally:
