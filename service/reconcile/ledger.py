@@ -8,9 +8,9 @@
   GIVE_UP_AFTER_RUNS runs it is given up (reported, and it no longer holds the checkpoint) instead of failing
   every run for ever.
 
-`Counts` is the one list of a run's counts: the run record's count columns, the `--json` object, the summary and
-`RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function takes a Connection inside a
-transaction the caller owns (the reconciler runs them in a worker thread).
+A run's counts are listed once, in `RunCounts` (storage/tables.py): the run record's count columns, `Counts`, the
+`--json` object, the summary and `RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function
+takes a Connection inside a transaction the caller owns (the reconciler runs them in a worker thread).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 
 from service.reconcile.windows import Window
 from service.storage.db import insert_ignoring_conflict
-from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileNotFound, ReconcileRun
+from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileNotFound, ReconcileRun, RunCounts
 
 LEASE_NAME = "reconcile"
 LEASE_TTL_SECONDS = 600
@@ -42,23 +42,16 @@ leases: sa.Table = ReconcileLease.__table__  # type: ignore[attr-defined]
 not_found: sa.Table = ReconcileNotFound.__table__  # type: ignore[attr-defined]
 
 
-@dataclass
-class Counts:
-    """What a run did, in the order the summary says it. Each count is a column of `reconcile_run` too."""
-
-    listed: int = 0
-    new: int = 0
-    updated: int = 0
-    details_fetched: int = 0
-    audio_fetched: int = 0
-    failed: int = 0
-    given_up: int = 0  # details that answered 404 in GIVE_UP_AFTER_RUNS runs: reported, no longer retried
+class Counts(RunCounts):
+    """A run's tally as it goes; RunCounts (storage/tables.py) is the list of its counts."""
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return self.model_dump()
 
 
-COUNTS: tuple[str, ...] = tuple(count.name for count in fields(Counts))
+COUNTS: tuple[str, ...] = tuple(RunCounts.model_fields)
+# A run record as the read API serves it: the run's own columns, then its counts.
+RUN_FIELDS: tuple[str, ...] = (*(column.name for column in runs.c if column.name not in COUNTS), *COUNTS)
 
 
 @dataclass
@@ -85,10 +78,6 @@ class Report:
         out["errors"] = self.errors
         out["warnings"] = self.warnings
         return out
-
-
-# A run record as the read API serves it: every column of `reconcile_run`, in the table's order.
-RUN_FIELDS: tuple[str, ...] = tuple(runs.c.keys())
 
 
 class LeaseHeld(Exception):

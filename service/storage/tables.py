@@ -122,8 +122,21 @@ class ReconcileCheckpoint(SQLModel, table=True):
     updated_at: datetime = _time(nullable=False)
 
 
-class ReconcileRun(SQLModel, table=True):
-    """One `postcall reconcile` run and its counts."""
+class RunCounts(SQLModel):
+    """What a reconcile run did, in the order its summary says it: the one list of the counts, which are the run
+    record's columns below and the reconciler's tally (reconcile/ledger.py)."""
+
+    listed: int = 0
+    new: int = 0
+    updated: int = 0
+    details_fetched: int = 0
+    audio_fetched: int = 0
+    failed: int = 0
+    given_up: int = 0  # details that answered 404 in several runs: reported, no longer asked for
+
+
+class ReconcileRun(RunCounts, table=True):
+    """One `postcall reconcile` run and its counts (RunCounts)."""
 
     __tablename__ = "reconcile_run"
 
@@ -136,13 +149,6 @@ class ReconcileRun(SQLModel, table=True):
     agents: list[Any] | None = _json()
     window_start_unix: int | None = Field(default=None, sa_type=sa.BigInteger)
     window_end_unix: int | None = Field(default=None, sa_type=sa.BigInteger)
-    listed: int = 0
-    new: int = 0
-    updated: int = 0
-    details_fetched: int = 0
-    audio_fetched: int = 0
-    failed: int = 0
-    given_up: int = 0
     error: str | None = Field(default=None, sa_type=sa.Text)
     warnings: list[Any] | None = _json()  # sentences for a person; a run with warnings may still succeed
 
