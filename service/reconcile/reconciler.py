@@ -61,7 +61,8 @@ T = TypeVar("T")
 
 MAX_ERRORS_KEPT = 20
 # 1,000,000 conversations per agent and window at 100 a page: far above a real window, and a run that meets an
-# API paging for ever (a new cursor each time: 17-19k requests in 20 s) ends within minutes, not never.
+# API paging for ever (a new cursor each time) ends within minutes, not never: against the fake platform, 10,001
+# list requests of 100 summaries each, merged into SQLite, took 405 s on a shared 2-core machine.
 MAX_PAGES_PER_WINDOW = 10_000
 
 
