@@ -220,7 +220,7 @@ class Reconciler:
             outcome = await self._agent(agent_id, window, options, report)
             if outcome.listing_failed or options.dry_run:
                 continue
-            moved = next_checkpoint(checkpoint, window, outcome.failed_starts, outcome.pending_starts)
+            moved = next_checkpoint(checkpoint, window, outcome.failed_starts, outcome.pending_starts, now=end)
             if moved is not None and moved != checkpoint:
                 await self._db(partial(write_checkpoint, agent_id=agent_id, checkpoint=moved, now=self._now()))
             log.info(

@@ -84,16 +84,14 @@ def plan_window(
     overlap: int = DEFAULT_OVERLAP_SECONDS,
     lookback: int = FIRST_RUN_LOOKBACK_SECONDS,
 ) -> Window:
-    """The window of one agent's run: `--since` wins, else checkpoint minus overlap, else `lookback` back; it
-    ends at `--until` or now, whichever comes first."""
+    """The window of one agent's run: `--since` wins, else checkpoint minus overlap, else `lookback` back."""
     if since is not None:
         start = since
     elif checkpoint is not None:
         start = checkpoint - overlap
     else:
         start = now - lookback
-    # Never past now: a checkpoint moved to a future `--until` would pass conversations not yet listed.
-    end = min(until, now) if until is not None else now
+    end = until if until is not None else now
     if start >= end:
         raise WindowError(f"the window is empty: it starts at {_iso(start)} and ends at {_iso(end)}")
     return Window(max(start, 0), end)
@@ -104,6 +102,8 @@ def next_checkpoint(
     window: Window,
     failed_starts: Iterable[int | None],
     pending_starts: Iterable[int | None] = (),
+    *,
+    now: int | None = None,
 ) -> int | None:
     """Where the checkpoint goes after a run over `window`.
 
@@ -113,14 +113,16 @@ def next_checkpoint(
       start: the API listed it inside the window, and reading it as 0 would make every later run list all history.
     - It never moves backwards: a failure before the stored checkpoint (a `--since` run over older times) leaves
       it where it is. With nothing held back it moves to the window's end, but never across a gap between the old
-      checkpoint and a `--since` that starts after it (that gap was not listed).
+      checkpoint and a `--since` that starts after it (that gap was not listed), nor past `now` (the run's start):
+      a `--until` in the future lists what exists, and what starts later has not been listed yet.
     """
-    horizon = window.end - PENDING_HORIZON_SECONDS
+    end = window.end if now is None else min(window.end, now)
+    horizon = end - PENDING_HORIZON_SECONDS
     pending = [_within(window, start) for start in pending_starts]
     holds = [*(_within(window, start) for start in failed_starts), *(start for start in pending if start >= horizon)]
     if previous is not None and window.start > previous:
         return previous  # everything held back lies after the unlisted gap, hence after `previous` too
-    moved = min(holds) if holds else window.end
+    moved = min(holds) if holds else end
     return moved if previous is None else max(previous, moved)
 
 
