@@ -191,16 +191,8 @@ class Reconciler:
         interruption: KeyboardInterrupt, cancellation)."""
         try:
             await self._agents_and_windows(options, report, windows)
-        except (LeaseLost, ElevenLabsError) as exc:
-            report.errors.append(str(exc))
-        except StoreUnavailable as exc:
-            report.errors.append(f"database unavailable: {exc}")
         except Exception as exc:
-            # A bug, or an answer nothing expected: the reason goes to the summary and the run record, the
-            # traceback to the log.
-            reason = f"unexpected error: {type(exc).__name__}: {str(exc)[:MAX_REASON_CHARS]}"
-            log.error("reconcile run failed: %s", reason, exc_info=exc)
-            report.errors.append(reason)
+            report.errors.append(_why_it_failed(exc))
         except BaseException:
             report.errors.append("interrupted before it finished")
             raise
@@ -446,6 +438,23 @@ def _apply_summaries(
         if before.get(cid) == fingerprint:
             changes[cid] = store.Change.UNCHANGED  # only `reconciled_at` moved
     return before, changes
+
+
+def _why_it_failed(exc: Exception) -> str:
+    """The reason a run ended in `exc`, for the summary and the run record. A task group wraps what its tasks
+    raised (a detail or audio fetch's): the first of those is the reason."""
+    cause: BaseException = exc
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, LeaseLost | ElevenLabsError):
+        return str(cause)
+    if isinstance(cause, StoreUnavailable):
+        return f"database unavailable: {cause}"
+    # A bug, or an answer nothing expected: the reason goes to the summary and the run record, the traceback to
+    # the log.
+    reason = f"unexpected error: {type(cause).__name__}: {str(cause)[:MAX_REASON_CHARS]}"
+    log.error("reconcile run failed: %s", reason, exc_info=exc)
+    return reason
 
 
 def _store_details(conn: Connection, observations: list[Observation], now: datetime) -> dict[str, store.Change]:

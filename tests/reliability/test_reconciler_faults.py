@@ -373,33 +373,41 @@ def test_a_deeply_nested_answer_is_a_failed_run_not_a_traceback(
 
 
 class BrokenClient:
-    """The real client, except that listing conversations raises `error` (a bug, or an answer nothing expected)."""
+    """The real client, except that listing conversations (`on="list"`) or fetching a detail (`on="detail"`, in
+    the reconciler's task group) raises `error`: a bug, or an answer nothing expected."""
 
-    def __init__(self, client: ElevenLabsClient, error: BaseException) -> None:
+    def __init__(self, client: ElevenLabsClient, error: BaseException, on: str = "list") -> None:
         self._client = client
         self._error = error
+        self._on = on
 
     def agents(self) -> AsyncIterator[dict[str, Any]]:
         return self._client.agents()
 
     async def conversation_pages(self, agent_id: str, after: int, before: int) -> AsyncIterator[list[dict[str, Any]]]:
+        if self._on == "list":
+            raise self._error
+        async for page in self._client.conversation_pages(agent_id, after, before):
+            yield page
+
+    async def conversation(self, conversation_id: str) -> dict[str, Any]:
         raise self._error
-        yield []  # an async generator, like the real one
 
 
-def run_with(settings: Settings, engine: Engine, url: str, error: BaseException) -> Report:
+def run_with(settings: Settings, engine: Engine, url: str, error: BaseException, on: str = "list") -> Report:
     async def go() -> Report:
         async with ElevenLabsClient.open(url, KEY) as client:
-            broken: Any = BrokenClient(client, error)
+            broken: Any = BrokenClient(client, error, on)
             return await Reconciler(engine, broken, BlobStore(settings.data_dir)).run(Options())
 
     return anyio.run(go)
 
 
+@pytest.mark.parametrize("on", ["list", "detail"])
 def test_an_unexpected_exception_is_a_failed_run_with_its_reason_and_the_lease_released(
-    settings: Settings, engine: Engine, fake_url: str
+    settings: Settings, engine: Engine, fake_url: str, on: str
 ) -> None:
-    report = run_with(settings, engine, fake_url, RuntimeError("an answer nothing expected"))
+    report = run_with(settings, engine, fake_url, RuntimeError("an answer nothing expected"), on)
 
     assert not report.ok
     assert report.errors == ["unexpected error: RuntimeError: an answer nothing expected"]
