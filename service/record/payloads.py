@@ -72,8 +72,20 @@ def read_envelope(payload: Any) -> Envelope:
 
 
 def valid_conversation_id(value: Any) -> bool:
-    # U+FFFD is what `without_nul` leaves of a NUL: an id that held one is not an id to store under.
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and "\ufffd" not in value
+    """Whether `value` can be a conversation_id: every way in (webhook, reconciler, broker, read API) asks this.
+
+    U+FFFD is what `without_nul` leaves of a NUL: an id that held one is not an id to store under. A `/` is
+    refused too: such an id could be stored but never addressed, neither as `/v1/conversations/{id}` here (a
+    server decodes %2F before routing) nor at ElevenLabs' own `/v1/convai/conversations/{id}`; ElevenLabs' ids
+    are `conv_` and letters and digits. Refused, it is a 400 for a known webhook type (nothing stored), an
+    unknown type is still archived without it, the reconciler skips it and the broker answers a null id."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and "\ufffd" not in value
+        and "/" not in value
+    )
 
 
 def without_nul(value: Any) -> Any:
