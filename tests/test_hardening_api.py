@@ -10,8 +10,11 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from service.config import Settings
+from service.record import store
+from service.storage.db import transaction
 from service.testing import FakeConversation, FakePlatform, seed_conversations
 from service.web.app import create_app
+from tests.support import records
 from tests.support import webhooks as wh
 from tests.support.live import live_server
 from tests.support.reconcile import reconcile, rows
@@ -82,3 +85,56 @@ def test_the_reconciler_skips_a_listed_id_holding_a_slash_and_stores_the_rest(
         c.conversation_id for c in conversations[:5]
     }
     assert all("slashed" not in call.path for call in platform.calls_to("detail"))
+
+
+# --- item 13: integers in `var.` filters match exactly ------------------------------------------------------------
+
+
+def test_a_var_filter_matches_an_integer_beyond_2_to_the_53_exactly(client: httpx.Client, engine: Engine) -> None:
+    records.store(
+        engine,
+        [
+            records.detail("conv_odd", dynamic_variables={"order": 9007199254740993}),
+            records.detail("conv_even", dynamic_variables={"order": 9007199254740992}),
+            records.detail("conv_text", dynamic_variables={"order": "9007199254740993"}),
+        ],
+    )
+
+    def matching(value: str) -> set[str]:
+        answer = client.get("/v1/conversations", params={"var.order": value}, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        return {record["conversation_id"] for record in answer.json()["conversations"]}
+
+    assert matching("9007199254740993") == {"conv_odd", "conv_text"}
+    assert matching("9007199254740992") == {"conv_even"}
+    assert matching("-9007199254740993") == set()
+
+
+# --- item 12: how many `var.` / `label.` filters -----------------------------------------------------------------
+
+
+def _json_filters(count: int) -> list[tuple[str, str]]:
+    return [(f"{'var' if i % 2 else 'label'}.k{i}", str(i)) for i in range(count)]
+
+
+@pytest.mark.parametrize("count", [21, 1000])
+def test_more_var_and_label_filters_than_the_cap_are_422_on_either_database(
+    client: httpx.Client, engine: Engine, count: int
+) -> None:
+    records.store(engine, [records.detail("conv_1", dynamic_variables={"k1": 1})])
+    answer = client.get("/v1/conversations", params=_json_filters(count), headers=AUTH)
+    assert answer.status_code == 422, answer.text
+    assert answer.json() == {
+        "error": "label.k20: at most 20 var. and label. filters may be given together",
+        "parameter": "label.k20",
+    }
+
+
+def test_as_many_filters_as_the_cap_are_answered(client: httpx.Client, engine: Engine) -> None:
+    variables = {f"k{i}": i for i in range(1, 20, 2)}
+    labels = {f"k{i}": str(i) for i in range(0, 20, 2)}
+    records.store(engine, [records.detail("conv_1", dynamic_variables=variables), records.session("conv_2")])
+    transaction(engine, lambda conn: store.apply(conn, records.session("conv_1", labels=labels), records.AT))
+    answer = client.get("/v1/conversations", params=_json_filters(20), headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert [record["conversation_id"] for record in answer.json()["conversations"]] == ["conv_1"]
