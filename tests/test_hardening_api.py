@@ -138,3 +138,17 @@ def test_as_many_filters_as_the_cap_are_answered(client: httpx.Client, engine: E
     answer = client.get("/v1/conversations", params=_json_filters(20), headers=AUTH)
     assert answer.status_code == 200, answer.text
     assert [record["conversation_id"] for record in answer.json()["conversations"]] == ["conv_1"]
+
+
+# --- item 17: a trailing slash ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/conversations/"), ("GET", "/readyz/"), ("POST", "/webhooks/elevenlabs/")]
+)
+def test_a_trailing_slash_is_404_never_a_redirect_to_the_clients_host(
+    client: httpx.Client, method: str, path: str
+) -> None:
+    answer = client.request(method, path, headers={**AUTH, "Host": "attacker.example"})
+    assert answer.status_code == 404
+    assert "location" not in answer.headers

@@ -181,7 +181,7 @@ def test_the_command_purges_and_says_what_it_removed(engine: Engine, settings: S
     assert conversation_ids(engine) == {*NEW, UNSTARTED_NEW}
 
 
-@pytest.mark.parametrize("value", ["90", "90 days", "ninety", "-5d", "0d"])
+@pytest.mark.parametrize("value", ["90", "90 days", "ninety", "-5d", "0d", "999999d"])
 def test_a_malformed_or_empty_age_is_a_usage_error(value: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["purge", "--older-than", value], env={"POSTCALL_DATABASE_URL": f"sqlite:///{tmp_path}/never.db"}
@@ -190,3 +190,17 @@ def test_a_malformed_or_empty_age_is_a_usage_error(value: str, tmp_path: Path) -
     assert result.exit_code == 2
     assert "--older-than" in result.stderr
     assert not (tmp_path / "never.db").exists()
+
+
+def test_an_age_reaching_back_past_the_year_1_is_a_usage_error_that_changes_nothing(
+    engine: Engine, settings: Settings
+) -> None:
+    seed(engine, settings.data_dir)
+    before = conversation_ids(engine), audio_files(settings.data_dir)
+
+    for args in (["--older-than", "999999d"], ["--older-than", "999999d", "--dry-run"]):
+        result = cli(settings, *args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == "postcall: --older-than 999999d: reaches back past the year 1; give a shorter age\n"
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert (conversation_ids(engine), audio_files(settings.data_dir)) == before

@@ -30,19 +30,29 @@ conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 webhook_events: sa.Table = WebhookEvent.__table__  # type: ignore[attr-defined]
 
 
+class CutoffError(ValueError):
+    """An age that reaches back to a time no timestamp column can compare with: the caller exits 2 saying so."""
+
+
 @dataclass(frozen=True)
 class Cutoff:
     """Conversations that started before `unix` (or, with no start time, were first seen before it) are old."""
 
     unix: int
 
+    def __post_init__(self) -> None:
+        self.moment()  # refused here, with a reason, rather than as a traceback halfway through the purge
+
+    def moment(self) -> datetime:
+        try:
+            return datetime.fromtimestamp(self.unix, UTC)
+        except (ValueError, OverflowError, OSError):
+            raise CutoffError("reaches back past the year 1; give a shorter age") from None
+
     def condition(self) -> sa.ColumnElement[bool]:
         started = conversations.c.start_time_unix_secs
         first_seen = conversations.c.first_seen_at
-        return sa.or_(
-            started < self.unix,
-            sa.and_(started.is_(None), first_seen < datetime.fromtimestamp(self.unix, UTC)),
-        )
+        return sa.or_(started < self.unix, sa.and_(started.is_(None), first_seen < self.moment()))
 
 
 @dataclass
@@ -105,7 +115,7 @@ def purge(
 
 def describe(report: PurgeReport, cutoff: Cutoff, older_than: str, audio_only: bool, dry_run: bool) -> str:
     """One line for the operator: what was (or, with --dry-run, would be) removed."""
-    since = datetime.fromtimestamp(cutoff.unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    since = cutoff.moment().isoformat(timespec="seconds").replace("+00:00", "Z")
     scope = f"started before {since} (older than {older_than})"
     audio = f"{report.audio_files} audio files ({report.audio_bytes:,} bytes)"
     if audio_only:
