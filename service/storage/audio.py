@@ -133,6 +133,13 @@ class BlobStore:
     def temp_dir(self) -> Path:
         return self.root / "tmp"
 
+    def probe(self) -> None:
+        """Raise OSError unless a file can be created in the data dir now (it is gone, read-only, out of inodes).
+        The file has no name (O_TMPFILE where there is one) and is gone when closed: nothing to clean up."""
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.temp_dir):
+            pass
+
     def open_temp(self) -> TempBlob:
         """A new locked temp file. Raises OSError when the data dir cannot take it (full, read-only, gone)."""
         fd, path = _create_locked(self.temp_dir, TEMP_SUFFIX)

@@ -151,6 +151,13 @@ def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     return result
 
 
+def database_dir(engine: Engine) -> Path | None:
+    """The directory of an SQLite database file, where it and its WAL grow; None for PostgreSQL or in memory."""
+    if not is_sqlite(engine.url) or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(engine.url.database).expanduser().resolve().parent
+
+
 def ping(engine: Engine) -> None:
     """Raise StoreUnavailable unless the database can take a write now (what /readyz reports)."""
     if is_sqlite(engine.url):
