@@ -22,10 +22,11 @@ PATH_LOCK_STRIPES files, chosen by the path's hash): a writer holds it from befo
 has committed or failed (`TempBlob.commit` to `Claim.settle`/`release`); a deleter takes it, then asks the
 database whether a committed record claims the path, and unlinks only if none does (`remove_unclaimed`). A writer
 in flight makes the deleter wait for its commit, after which its record claims the file; a writer that comes later
-renames its file after the unlink. Lock order is the database's first, then the path's: a writer takes the path
-lock inside its transaction, and on SQLite, whose writers hold the database's one write lock for their whole
-transaction, the deleter also checks from inside a write transaction (so it cannot wait for a writer that waits for
-it). Where the file system has no locks, nothing guards the path and a purge racing a write can lose that write.
+renames its file after the unlink. Lock order: a writer takes the path lock inside its transaction but before it
+locks the conversation's row (commit() before record.store.apply), so two writers of one stripe never wait for
+each other's row; on SQLite, whose writers hold the database's one write lock for their whole transaction, the
+deleter also checks from inside a write transaction (so it cannot wait for a writer that waits for it). Where the
+file system has no locks, nothing guards the path and a purge racing a write can lose that write.
 """
 
 from __future__ import annotations
