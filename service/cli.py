@@ -154,7 +154,10 @@ def purge(
         fail("--older-than must be longer than 0 (it would purge everything)")
     settings = settings_or_exit()
     setup_logging()
-    cutoff = retention.Cutoff(int(time.time()) - age)
+    try:
+        cutoff = retention.Cutoff(int(time.time()) - age)
+    except retention.CutoffError as exc:
+        fail(f"--older-than {older_than}: {exc}")
     engine = create_engine(settings.database_url)
     try:
         if dry_run:

@@ -84,6 +84,8 @@ def create_app(
         exception_handlers={**EXCEPTION_HANDLERS, Exception: unexpected},
         lifespan=lifespan,
     )
+    # A trailing slash is a 404, not a 307 whose Location is built from the client's own Host header.
+    app.router.redirect_slashes = False
     app.state.metrics = app_metrics
     return app
 

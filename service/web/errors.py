@@ -13,7 +13,7 @@ from service.api.query_params import QueryError
 from service.api.routes import NotFound, RangeNotSatisfiable
 from service.broker.sessions import BrokerNotConfigured, InvalidSessionRequest, UpstreamError, UpstreamKind
 from service.record.payloads import PayloadError
-from service.storage.db import StoreUnavailable
+from service.storage.db import StoreRefused, StoreUnavailable
 from service.webhook.body import BodyTooLarge, BodyTooSlow
 from service.webhook.signature import SignatureError
 
@@ -56,6 +56,11 @@ async def client_disconnected(request: Request, exc: Exception) -> Response:
 async def store_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("storage unavailable: %s", exc)
     return error(503, "storage unavailable, try again later")
+
+
+async def store_refused(request: Request, exc: Exception) -> Response:
+    log.warning("write refused by the database: %s", exc)
+    return error(400, "a value in this request cannot be stored")
 
 
 async def invalid_session_request(request: Request, exc: Exception) -> Response:
@@ -133,6 +138,7 @@ EXCEPTION_HANDLERS = {
     BodyTooSlow: body_too_slow,
     ClientDisconnect: client_disconnected,
     StoreUnavailable: store_unavailable,
+    StoreRefused: store_refused,
     HTTPException: http_exception,
     QueryError: query_error,
     NotFound: not_found,

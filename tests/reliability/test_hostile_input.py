@@ -55,12 +55,14 @@ def fuzz_settings(max_examples: int) -> Any:
 
 def usable_id(value: Any) -> bool:
     """An id postcall can store under: 1 to 256 printable characters. U+FFFD, what a NUL is replaced by before
-    anything is stored, is refused too: an id that held a NUL is not an id."""
+    anything is stored, is refused too: an id that held a NUL is not an id. So is one holding `/`, which no
+    `/v1/conversations/{id}` could address."""
     return (
         isinstance(value, str)
         and 0 < len(value) <= payloads.MAX_ID_LENGTH
         and value.isprintable()
         and "\ufffd" not in value
+        and "/" not in value
     )
 
 
@@ -533,7 +535,11 @@ def test_a_streamed_body_the_splitter_cannot_read_is_401_if_forged_else_400(box:
 
 
 def test_audio_for_ids_that_name_paths_is_stored_inside_the_data_dir(box: Box) -> None:
-    ids = [f"../../../../{ESCAPE_MARK}", f"../../../../../../{ESCAPE_MARK}", f"/tmp/{ESCAPE_MARK}", "..", "a/../b"]
+    refused = [f"../../../../{ESCAPE_MARK}", f"../../../../../../{ESCAPE_MARK}", f"/tmp/{ESCAPE_MARK}", "a/../b"]
+    for conversation_id in refused:  # an id holding `/` is not an id (issue 18, item 15)
+        body = wh.encode(wh.audio(conversation_id, b"ID3" + conversation_id.encode()))
+        assert box.client.post(URL, content=body, headers=wh.signed_headers(body)).status_code == 400
+    ids = ["..", ".", f"..\\..\\..\\{ESCAPE_MARK}", f"%2e%2e%2f{ESCAPE_MARK}", "~"]
     for conversation_id in ids:
         body = wh.encode(wh.audio(conversation_id, b"ID3" + conversation_id.encode()))
         answer = box.client.post(URL, content=body, headers=wh.signed_headers(body))
