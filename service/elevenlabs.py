@@ -1,21 +1,36 @@
-"""The httpx client for the ElevenLabs conversations API: agents, conversation pages, details and audio.
+"""THE client of the ElevenLabs API: everything postcall asks ElevenLabs goes through `ElevenLabsClient`.
 
-- Every request carries `xi-api-key`, has timeouts, and holds one of `concurrency` slots while it is on the wire.
-- 429, 5xx and transport errors (httpx.TransportError: connect/read/write/pool timeouts, connection resets,
-  protocol errors) are retried a bounded number of times with jittered exponential backoff. A `Retry-After`
-  (seconds or an HTTP date) is honoured, and for everyone: after a 429 no request starts before it has passed.
+Endpoints: agents, conversation pages, details and audio (the reconciler); conversation tokens and signed URLs
+(the session broker). The `xi-api-key` header is built here and nowhere else.
+
+- Every request has timeouts and holds one of `concurrency` slots while it is on the wire.
+- JSON is parsed with orjson, which refuses nesting past 1024 levels with a JSONDecodeError (where the standard
+  library's parser raises RecursionError): BadAnswer.
+- Retries are stamina's, with the client's `RetryPolicy`: an ApiError for 429 or 5xx and Unreachable (transport
+  errors: connect/read/write/pool timeouts, connection resets, protocol errors) are retried, nothing else. A
+  `Retry-After` (seconds or an HTTP date, at most `retry_after_max`) replaces the exponential backoff, and after a
+  429 no request of this client starts before it has passed (the gate, which stamina's testing mode leaves on:
+  a server's instruction is honoured in tests too). `NO_RETRIES` is one attempt.
 - Pages are async iterators that follow `next_cursor` while `has_more`, one page in memory at a time.
 - Answers are plain dicts: unknown fields are kept, never rejected (record/payloads.py reads what it knows).
 
-Errors: ApiError(status, reason) for an answer that is not retried or still failing after the retries
-(NotFound for 404), Unreachable for transport errors after the retries. Both are ElevenLabsError.
+Errors, one tree; each carries `reason` (ElevenLabs' own words, or ours) and the answer's `status` when there was one:
+
+    ElevenLabsError
+    ├── ApiError          an error status, after the retries where it was retried (`retryable`, `retry_after`)
+    │   └── NotFound      404
+    ├── Unreachable       no whole answer: connection failures, resets, protocol errors (after the retries)
+    │   └── TimedOut      a timeout
+    └── BadAnswer         a 2xx postcall cannot read: not a JSON object, a cursor repeated, no token
+
+Every reason has the API key scrubbed from it, then is shortened to MAX_REASON_CHARS: an error message may echo the
+request's headers, and reasons travel on to answers, run records and logs.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -26,6 +41,8 @@ from urllib.parse import quote
 import anyio
 import anyio.to_thread
 import httpx
+import orjson
+import stamina
 
 from service.record.payloads import may_hold_nul, without_nul
 from service.storage.audio import BlobStore, TempBlob
@@ -35,18 +52,35 @@ T = TypeVar("T")
 
 PAGE_SIZE = 100  # the API's maximum
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+TOKEN_PATH = "/v1/convai/conversation/token"  # noqa: S105 (a path, not a secret)
+SIGNED_URL_PATH = "/v1/convai/conversation/get-signed-url"
 MAX_REASON_CHARS = 300
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
 
 
 class ElevenLabsError(Exception):
     """A request that failed for good (after retries, where retrying made sense)."""
 
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(f"HTTP {status}: {reason}" if status is not None else reason)
+        self.reason = reason
+        self.status = status
+
 
 class ApiError(ElevenLabsError):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"HTTP {status}: {reason}")
-        self.status = status
-        self.reason = reason
+    """ElevenLabs answered with an error status; `retry_after` is its Retry-After in seconds (as sent: whoever
+    uses it bounds it), if it sent a readable one."""
+
+    def __init__(self, status: int, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason, status)
+        self.status: int = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 429 or self.status >= 500
 
 
 class NotFound(ApiError):
@@ -57,10 +91,21 @@ class Unreachable(ElevenLabsError):
     pass
 
 
+class TimedOut(Unreachable):
+    pass
+
+
+class BadAnswer(ElevenLabsError):
+    pass
+
+
+# --- the retry policy --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries: `attempts` in all; backoff `wait_initial * 2**n` capped at `wait_max`, plus up to
-    `wait_jitter` of random jitter; a Retry-After is honoured up to `retry_after_max`."""
+    """stamina's parameters: `attempts` in all, backoff `wait_initial * 2**n` capped at `wait_max` plus up to
+    `wait_jitter`; a Retry-After replaces the backoff, up to `retry_after_max`."""
 
     attempts: int = 6
     wait_initial: float = 0.5
@@ -68,26 +113,8 @@ class RetryPolicy:
     wait_jitter: float = 1.0
     retry_after_max: float = 120.0
 
-    @classmethod
-    def testing(cls) -> RetryPolicy:
-        """Tiny waits, for tests: the retries still happen, and Retry-After is still honoured."""
-        return cls(attempts=4, wait_initial=0.001, wait_max=0.01, wait_jitter=0.001)
 
-    def backoff(self, retry: int, rng: random.Random) -> float:
-        return float(min(self.wait_initial * 2**retry, self.wait_max) + rng.uniform(0, self.wait_jitter))
-
-
-_testing = False
-
-
-def set_testing(on: bool) -> None:
-    """Make `default_policy()` the testing policy (what stamina.set_testing does for stamina's retries)."""
-    global _testing
-    _testing = on
-
-
-def default_policy() -> RetryPolicy:
-    return RetryPolicy.testing() if _testing else RetryPolicy()
+NO_RETRIES = RetryPolicy(attempts=1)
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -106,22 +133,11 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def _retryable(status: int) -> bool:
-    return status == 429 or status >= 500
+def _retried(exc: BaseException) -> bool:
+    return isinstance(exc, Unreachable) or (isinstance(exc, ApiError) and exc.retryable)
 
 
-def _reason(response: httpx.Response, api_key: str) -> str:
-    """The API's own words for an error, shortened, with the API key scrubbed from them: an error message may
-    echo the request's headers, and the reason travels on to the run record, the summary and the logs."""
-    try:
-        body: Any = response.json()
-    except ValueError:
-        return scrub_key(response.text or response.reason_phrase, api_key)[:MAX_REASON_CHARS]
-    detail = body.get("detail", body) if isinstance(body, dict) else body
-    if isinstance(detail, dict):
-        detail = detail.get("message") or detail.get("status") or detail
-    # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
-    return scrub_key(str(detail), api_key)[:MAX_REASON_CHARS]
+# --- reasons -------------------------------------------------------------------------------------------------------
 
 
 def scrub_key(text: str, api_key: str) -> str:
@@ -129,40 +145,82 @@ def scrub_key(text: str, api_key: str) -> str:
     return text.replace(api_key, "[api key]") if api_key else text
 
 
+def upstream_reason(body: bytes, reason_phrase: str, api_key: str) -> str:
+    """ElevenLabs' own words for an error: `detail.message`, a `detail` string, the first validation message; else
+    the status line's reason phrase with the body's text; the API key scrubbed, then shortened."""
+    detail = _detail(body)
+    if detail is None:
+        text = body.decode("utf-8", "replace").strip()
+        phrase = reason_phrase or "no reason given"
+        detail = f"{phrase}: {text}" if text else phrase
+    # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
+    return scrub_key(detail, api_key)[:MAX_REASON_CHARS]
+
+
+def _detail(body: bytes) -> str | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    if isinstance(detail, dict):
+        detail = detail.get("message") or detail.get("status")
+    elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        detail = detail[0].get("msg")
+    return detail if isinstance(detail, str) and detail.strip() else None
+
+
+# --- reading answers (pure) ----------------------------------------------------------------------------------------
+
+
+def json_object(raw: bytes | bytearray, status: int) -> dict[str, Any]:
+    """A JSON answer as a dict (NUL characters replaced, see payloads.without_nul); BadAnswer if it is none."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:  # orjson refuses nesting past 1024 levels here, no RecursionError
+        raise BadAnswer(f"the answer is not a JSON object (not JSON: {exc})", status) from None
+    if not isinstance(body, dict):
+        raise BadAnswer(f"the answer is not a JSON object (a {type(body).__name__})", status)
+    return without_nul(body) if may_hold_nul(bytes(raw)) else body
+
+
+# --- the client ----------------------------------------------------------------------------------------------------
+
+
 class ElevenLabsClient:
-    """One client per run. `open()` builds it with its own httpx client; tests may pass any AsyncClient."""
+    """One client per run (the reconciler) or per app (the broker). `open()` builds it with its own httpx client;
+    tests may pass any AsyncClient."""
 
     def __init__(
         self,
         http: httpx.AsyncClient,
         api_key: str,
         *,
-        policy: RetryPolicy | None = None,
+        retries: RetryPolicy | None = None,
         concurrency: int = 8,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
     ) -> None:
         self._http = http
         self._api_key = api_key
         self._headers = {"xi-api-key": api_key}
-        self._policy = policy or default_policy()
+        self._retries = retries or RetryPolicy()
         self._slots = anyio.Semaphore(concurrency)
         self._sleep = sleep
         self._clock = clock
-        self._rng = rng or random.Random()
         self._not_before = 0.0  # clock time before which no request starts (a 429's Retry-After)
-        self.calls: Counter[str] = Counter()  # requests sent, by kind (list, detail, audio, agents), retries included
+        self.calls: Counter[str] = Counter()  # requests sent, by kind (list, detail, audio, …), retries included
 
     @classmethod
-    def open(cls, base_url: str, api_key: str, **kwargs: Any) -> ElevenLabsClient:
+    def open(
+        cls, base_url: str, api_key: str, *, timeout: httpx.Timeout | None = None, concurrency: int = 8, **kwargs: Any
+    ) -> ElevenLabsClient:
         """A client with its own connection pool; close it with `aclose()` (or `async with`)."""
-        concurrency = kwargs.get("concurrency", 8)
         limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
         http = httpx.AsyncClient(
-            base_url=base_url, timeout=TIMEOUT, limits=limits, headers={"user-agent": "postcall-reconcile"}
+            base_url=base_url, timeout=timeout or TIMEOUT, limits=limits, headers={"user-agent": "postcall"}
         )
-        return cls(http, api_key, **kwargs)
+        return cls(http, api_key, concurrency=concurrency, **kwargs)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -177,8 +235,8 @@ class ElevenLabsClient:
 
     async def agents(self) -> AsyncIterator[dict[str, Any]]:
         """Every agent the key can list (`GET /v1/convai/agents`)."""
-        async for page in self._pages("/v1/convai/agents", {"page_size": PAGE_SIZE}, "agents"):
-            for agent in page.get("agents") or []:
+        async for page in self._pages("/v1/convai/agents", {"page_size": PAGE_SIZE}, "agents", "agents"):
+            for agent in page:
                 yield agent
 
     async def conversation_pages(
@@ -191,13 +249,12 @@ class ElevenLabsClient:
             "call_start_before_unix": before_unix,
             "page_size": PAGE_SIZE,
         }
-        async for page in self._pages("/v1/convai/conversations", params, "list"):
-            yield [item for item in page.get("conversations") or [] if isinstance(item, dict)]
+        async for page in self._pages("/v1/convai/conversations", params, "list", "conversations"):
+            yield [item for item in page if isinstance(item, dict)]
 
     async def conversation(self, conversation_id: str) -> dict[str, Any]:
         """The full detail (`GET /v1/convai/conversations/{id}`)."""
-        response = await self._request(f"/v1/convai/conversations/{_segment(conversation_id)}", {}, "detail")
-        return _json_object(response)
+        return await self._get_json(f"/v1/convai/conversations/{_segment(conversation_id)}", {}, "detail")
 
     async def download_audio(self, conversation_id: str, blobs: BlobStore) -> TempBlob:
         """Stream the recording (`GET …/{id}/audio`) into a temp blob, synced; NotFound when there is none.
@@ -219,86 +276,125 @@ class ElevenLabsClient:
 
         return await self._send(path, {}, "audio", write)
 
+    async def conversation_token(self, agent_id: str, **params: str | None) -> dict[str, Any]:
+        """`GET /v1/convai/conversation/token` (params: participant_name, branch_id, environment; None left out):
+        the answer, whose `token` is a non-empty string."""
+        answer = await self._get_json(TOKEN_PATH, _present(agent_id=agent_id, **params), "token")
+        return _with_credential(answer, "token")
+
+    async def signed_url(self, agent_id: str, **params: str | None) -> dict[str, Any]:
+        """`GET /v1/convai/conversation/get-signed-url?include_conversation_id=true` (params: branch_id,
+        environment): the answer, whose `signed_url` is a non-empty string."""
+        query = _present(agent_id=agent_id, include_conversation_id="true", **params)
+        return _with_credential(await self._get_json(SIGNED_URL_PATH, query, "signed_url"), "signed_url")
+
     # --- plumbing --------------------------------------------------------------------------------------------
 
-    async def _pages(self, path: str, params: Mapping[str, Any], kind: str) -> AsyncIterator[dict[str, Any]]:
+    async def _pages(self, path: str, params: Mapping[str, Any], kind: str, key: str) -> AsyncIterator[list[Any]]:
         cursor: str | None = None
         seen: set[str] = set()  # a cursor handed out twice would page forever
         while True:
             query = {**params, **({"cursor": cursor} if cursor else {})}
-            response = await self._request(path, query, kind)
-            page = _json_object(response)
-            yield page
+            page = await self._get_json(path, query, kind)
+            yield page.get(key) or []
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
             if cursor in seen:
-                raise ApiError(response.status_code, f"the API repeated cursor {cursor[:40]!r}; stopped paging")
+                raise BadAnswer(f"the API repeated cursor {cursor[:40]!r}; stopped paging", 200)
             seen.add(cursor)
 
-    async def _request(self, path: str, params: Mapping[str, Any], kind: str) -> httpx.Response:
-        async def keep(response: httpx.Response) -> httpx.Response:
-            await response.aread()
-            return response
+    async def _get_json(self, path: str, params: Mapping[str, Any], kind: str) -> dict[str, Any]:
+        async def parse(response: httpx.Response) -> dict[str, Any]:
+            return json_object(await response.aread(), response.status_code)
 
-        return await self._send(path, params, kind, keep)
+        return await self._send(path, params, kind, parse)
 
     async def _send(
         self, path: str, params: Mapping[str, Any], kind: str, consume: Callable[[httpx.Response], Awaitable[T]]
     ) -> T:
-        policy = self._policy
-        for attempt in range(policy.attempts):
-            await self._wait_turn()
-            last = attempt == policy.attempts - 1
-            try:
-                async with self._slots:
-                    self.calls[kind] += 1
-                    request = self._http.build_request("GET", path, params=params, headers=self._headers)
-                    response = await self._http.send(request, stream=True)
-                    try:
-                        if response.status_code < 400:
-                            return await consume(response)
-                        await response.aread()
-                    finally:
-                        await response.aclose()
-            except httpx.TransportError as exc:
-                if last:
-                    raise Unreachable(scrub_key(f"{type(exc).__name__} on GET {path}: {exc}", self._api_key)) from exc
-                await self._back_off(attempt, None, f"{type(exc).__name__} on GET {path}")
-                continue
-            status = response.status_code
-            if not _retryable(status) or last:
-                error = NotFound if status == 404 else ApiError
-                raise error(status, _reason(response, self._api_key))
-            await self._back_off(attempt, response, f"HTTP {status} on GET {path}")
+        policy = self._retries
+
+        def backoff(exc: Exception) -> bool | float:
+            """stamina's backoff hook: whether to retry, and a Retry-After (bounded) as the wait when there is one."""
+            if isinstance(exc, ApiError) and exc.retryable and exc.retry_after is not None:
+                return min(exc.retry_after, policy.retry_after_max)
+            return _retried(exc)
+
+        retrying = stamina.retry_context(
+            on=backoff,
+            attempts=policy.attempts,
+            timeout=None,  # bounded by the attempts
+            wait_initial=policy.wait_initial,
+            wait_max=policy.wait_max,
+            wait_jitter=policy.wait_jitter,
+        )
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    return await self._attempt(path, params, kind, consume)
+                except ElevenLabsError as exc:
+                    if _retried(exc):
+                        log.warning("%s (attempt %d of %d)", exc, attempt.num, policy.attempts)
+                    raise
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _attempt(
+        self, path: str, params: Mapping[str, Any], kind: str, consume: Callable[[httpx.Response], Awaitable[T]]
+    ) -> T:
+        await self._wait_turn()
+        async with self._slots:
+            self.calls[kind] += 1
+            request = self._http.build_request("GET", path, params=params, headers=self._headers)
+            try:
+                response = await self._http.send(request, stream=True)
+                try:
+                    if response.is_success:
+                        return await consume(response)
+                    body = await response.aread()
+                finally:
+                    await response.aclose()
+            except httpx.TimeoutException as exc:
+                raise TimedOut(self._scrub(f"ElevenLabs did not answer in time: {_described(exc, path)}")) from None
+            except httpx.TransportError as exc:
+                raise Unreachable(self._scrub(f"cannot reach ElevenLabs: {_described(exc, path)}")) from None
+            except httpx.HTTPError as exc:  # a body that cannot be decoded (bad gzip…): an answer we cannot use
+                raise BadAnswer(self._scrub(_described(exc, path))) from None
+        raise self._api_error(response, body)
+
+    def _api_error(self, response: httpx.Response, body: bytes) -> ApiError:
+        status = response.status_code
+        retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
+        if status == 429 and retry_after is not None and self._retries.attempts > 1:
+            # A rate limit is the account's, not one request's; a client that does not retry passes the wait on.
+            wait = min(retry_after, self._retries.retry_after_max)
+            self._not_before = max(self._not_before, self._clock() + wait)
+        error = NotFound if status == 404 else ApiError
+        return error(status, upstream_reason(body, response.reason_phrase, self._api_key), retry_after)
 
     async def _wait_turn(self) -> None:
         delay = self._not_before - self._clock()
         if delay > 0:
             await self._sleep(delay)
 
-    async def _back_off(self, attempt: int, response: httpx.Response | None, what: str) -> None:
-        wait = self._policy.backoff(attempt, self._rng)
-        if response is not None:
-            hinted = retry_after_seconds(response.headers.get("retry-after"), time.time())
-            if hinted is not None:
-                wait = max(wait, min(hinted, self._policy.retry_after_max))
-                if response.status_code == 429:
-                    self._not_before = max(self._not_before, self._clock() + wait)
-        log.warning("%s; retrying in %.2fs (attempt %d of %d)", what, wait, attempt + 2, self._policy.attempts)
-        await self._sleep(wait)
+    def _scrub(self, text: str) -> str:
+        return scrub_key(text, self._api_key)[:MAX_REASON_CHARS]
+
+
+def _described(exc: httpx.HTTPError, path: str) -> str:
+    return f"{type(exc).__name__} on GET {path}: {exc}"
 
 
 def _segment(conversation_id: str) -> str:
     return quote(conversation_id, safe="")
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise ApiError(response.status_code, "answer is not JSON") from exc
-    if not isinstance(body, dict):
-        raise ApiError(response.status_code, "answer is not a JSON object")
-    return without_nul(body) if may_hold_nul(response.content) else body  # see events.without_nul
+def _present(**params: str | None) -> dict[str, str]:
+    return {name: value for name, value in params.items() if value is not None}
+
+
+def _with_credential(answer: dict[str, Any], name: str) -> dict[str, Any]:
+    value = answer.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadAnswer(f"the answer has no {name!r}", 200)
+    return answer

@@ -12,8 +12,18 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import stamina
 
-from service.elevenlabs import ApiError, ElevenLabsClient, NotFound, RetryPolicy, Unreachable, retry_after_seconds
+from service.elevenlabs import (
+    NO_RETRIES,
+    ApiError,
+    BadAnswer,
+    ElevenLabsClient,
+    NotFound,
+    RetryPolicy,
+    Unreachable,
+    retry_after_seconds,
+)
 from service.storage.audio import BlobStore
 from service.testing import FakePlatform, seed_conversations
 from tests.support.live import free_port
@@ -33,8 +43,12 @@ def base_url(platform: FakePlatform) -> Iterator[str]:
         yield url
 
 
+# Every retry happens, a few milliseconds apart: the counts are the policy's, the waits too short to matter.
+FAST = RetryPolicy(attempts=4, wait_initial=0.001, wait_max=0.01, wait_jitter=0.001)
+
+
 def client(base_url: str, key: str = KEY, concurrency: int = 8) -> ElevenLabsClient:
-    return ElevenLabsClient.open(base_url, key, policy=RetryPolicy.testing(), concurrency=concurrency)
+    return ElevenLabsClient.open(base_url, key, retries=FAST, concurrency=concurrency)
 
 
 def test_pages_follow_the_cursor_100_at_a_time(platform: FakePlatform, base_url: str) -> None:
@@ -90,7 +104,7 @@ def test_a_5xx_is_retried_a_bounded_number_of_times(platform: FakePlatform, base
     with pytest.raises(ApiError) as caught:
         anyio.run(detail)
     assert caught.value.status == 500
-    assert len(platform.calls_to("detail")) == RetryPolicy.testing().attempts
+    assert len(platform.calls_to("detail")) == FAST.attempts
 
 
 def test_a_refused_connection_is_retried_then_reported() -> None:
@@ -156,9 +170,79 @@ def test_a_cursor_handed_out_twice_stops_the_paging_with_an_error() -> None:
 
     async def collect() -> int:
         http = httpx.AsyncClient(base_url="http://api.test", transport=httpx.MockTransport(answer))
-        async with ElevenLabsClient(http, KEY, policy=RetryPolicy.testing()) as api:
+        async with ElevenLabsClient(http, KEY, retries=FAST) as api:
             return len([page async for page in api.conversation_pages("agent_a", 0, NOW)])
 
-    with pytest.raises(ApiError, match="repeated cursor 'c1'"):
+    with pytest.raises(BadAnswer, match="repeated cursor 'c1'"):
         anyio.run(collect)
     assert [r.url.params.get("cursor") for r in requests] == [None, "c1", "c2"]
+
+
+# --- stamina drives the retries -------------------------------------------------------------------------------
+
+
+def test_the_retries_are_stamina_s_its_testing_mode_sets_the_attempts(platform: FakePlatform, base_url: str) -> None:
+    cid = platform.all()[0].conversation_id
+    platform.failing_ids.add(cid)
+
+    async def detail() -> None:
+        async with ElevenLabsClient.open(base_url, KEY) as api:  # the production policy: 6 attempts, real waits
+            await api.conversation(cid)
+
+    with stamina.set_testing(True, attempts=2), pytest.raises(ApiError):
+        anyio.run(detail)
+    assert len(platform.calls_to("detail")) == 2
+
+
+@pytest.mark.usefixtures("tiny_retry_waits")
+def test_stamina_s_testing_mode_still_waits_out_a_retry_after(platform: FakePlatform, base_url: str) -> None:
+    """Testing mode drops stamina's waits; the server's instruction is the client's gate, and holds."""
+    platform.throttle(1, retry_after="1", kinds={"detail"})
+    cid = platform.all()[0].conversation_id
+
+    async def detail() -> dict[str, object]:
+        async with ElevenLabsClient.open(base_url, KEY) as api:
+            return await api.conversation(cid)
+
+    assert anyio.run(detail)["conversation_id"] == cid
+    refused, retry = platform.calls_to("detail")
+    assert (refused.status, retry.status) == (429, 200)
+    assert retry.at - refused.at >= 1.0
+
+
+def test_a_client_without_retries_asks_once(platform: FakePlatform, base_url: str) -> None:
+    platform.fail(None, 503, kinds={"token"})
+
+    async def token() -> None:
+        async with ElevenLabsClient.open(base_url, KEY, retries=NO_RETRIES) as api:
+            await api.conversation_token("agent_a")
+
+    with pytest.raises(ApiError) as caught:
+        anyio.run(token)
+    assert caught.value.status == 503 and caught.value.retryable
+    assert len(platform.calls_to("token")) == 1
+
+
+# --- answers that are not what the API documents ----------------------------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    return b'{"conversation_id": "conv_deep", "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize(
+    ("depth", "reason"),
+    [
+        pytest.param(5000, "not JSON: depth limit exceeded", id="deeper-than-the-parser-goes"),
+    ],
+)
+def test_deeply_nested_json_is_a_bad_answer(platform: FakePlatform, base_url: str, depth: int, reason: str) -> None:
+    platform.answer_with(nested(depth), 1, kinds={"detail"})
+
+    async def detail() -> None:
+        async with client(base_url) as api:
+            await api.conversation(platform.all()[0].conversation_id)
+
+    with pytest.raises(BadAnswer) as caught:
+        anyio.run(detail)
+    assert reason in caught.value.reason

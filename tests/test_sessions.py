@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from service import elevenlabs
 from service.broker import sessions
 from service.config import Settings
 from service.record.store import get_record
@@ -55,7 +57,7 @@ class Upstream:
         return JSONResponse({"signed_url": signed, "conversation_id": "conv_ws789"})
 
     def app(self) -> Starlette:
-        paths = (sessions.TOKEN_PATH, sessions.SIGNED_URL_PATH)
+        paths = (elevenlabs.TOKEN_PATH, elevenlabs.SIGNED_URL_PATH)
         return Starlette(routes=[Route(path, self.handle) for path in paths])
 
 
@@ -87,7 +89,7 @@ def sqlite_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 def broker_settings(settings: Settings, base_url: str, **overrides: Any) -> Settings:
     return settings.model_copy(
-        update={"elevenlabs_base_url": base_url, "elevenlabs_api_key": sessions.SecretStr(API_KEY), **overrides}
+        update={"elevenlabs_base_url": base_url, "elevenlabs_api_key": SecretStr(API_KEY), **overrides}
     )
 
 
@@ -134,7 +136,7 @@ def test_webrtc_session_is_answered_and_recorded_at_once(
     assert answer.json() == {"conversation_id": "conv_abc123XYZ", "token": token, "agent_id": "agent_1"}
     assert token == make_token(livekit_claims("room_conv_abc123XYZ"))  # handed on untouched
     path, params, headers = upstream.seen[-1]
-    assert path == sessions.TOKEN_PATH
+    assert path == elevenlabs.TOKEN_PATH
     assert params == {"agent_id": "agent_1", "participant_name": "Ada", "branch_id": "br_1", "environment": "staging"}
     assert headers["xi-api-key"] == API_KEY
     record = stored(engine, "conv_abc123XYZ")
@@ -153,7 +155,7 @@ def test_websocket_session_asks_for_the_id_and_reads_it(client: TestClient, engi
     assert answer.json()["signed_url"].startswith("wss://")
     assert "token" not in answer.json()
     path, params, _ = upstream.seen[-1]
-    assert path == sessions.SIGNED_URL_PATH
+    assert path == elevenlabs.SIGNED_URL_PATH
     assert params == {"agent_id": "agent_1", "include_conversation_id": "true"}
     assert stored(engine, "conv_ws789") is not None
 
@@ -162,14 +164,14 @@ def test_websocket_id_may_come_from_the_signed_url_query(light_client: TestClien
     signed = (
         "wss://api.elevenlabs.io/v1/convai/conversation?agent_id=a&conversation_signature=s&conversation_id=conv_q1"
     )
-    upstream.replies[sessions.SIGNED_URL_PATH] = JSONResponse({"signed_url": signed})
+    upstream.replies[elevenlabs.SIGNED_URL_PATH] = JSONResponse({"signed_url": signed})
     assert create(light_client, transport="websocket").json()["conversation_id"] == "conv_q1"
 
 
 def test_room_without_conv_part_gives_the_whole_room_name(
     client: TestClient, engine: Engine, upstream: Upstream
 ) -> None:
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"token": make_token(livekit_claims("lk-room-5f2a"))})
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"token": make_token(livekit_claims("lk-room-5f2a"))})
     answer = create(client)
     assert answer.status_code == 200
     assert answer.json()["conversation_id"] == "lk-room-5f2a"
@@ -184,7 +186,7 @@ def test_malformed_token_answers_null_id_and_warns_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sessions, "_unrecognized_warned", False)
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"token": "opaque-token-of-a-new-shape"})
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"token": "opaque-token-of-a-new-shape"})
     with caplog.at_level(logging.WARNING, logger="postcall.sessions"):
         answers = [create(client), create(client)]
     for answer in answers:
@@ -306,7 +308,7 @@ def test_upstream_errors_map_to_clear_answers(
     reason: str,
 ) -> None:
     reply = JSONResponse(body, upstream_status) if body is not None else Response("down", upstream_status)
-    upstream.replies[sessions.TOKEN_PATH] = reply
+    upstream.replies[elevenlabs.TOKEN_PATH] = reply
     answer = create(light_client)
     assert answer.status_code == expected
     assert answer.json()["upstream_status"] == upstream_status
@@ -315,7 +317,7 @@ def test_upstream_errors_map_to_clear_answers(
 
 
 def test_retry_after_is_passed_on_with_a_429(light_client: TestClient, upstream: Upstream) -> None:
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": "7"})
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": "7"})
     answer = create(light_client)
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "7"
@@ -332,10 +334,37 @@ def test_retry_after_is_passed_on_with_a_429(light_client: TestClient, upstream:
 def test_unreadable_success_is_a_bad_gateway(
     light_client: TestClient, upstream: Upstream, reply: Response, reason: str
 ) -> None:
-    upstream.replies[sessions.TOKEN_PATH] = reply
+    upstream.replies[elevenlabs.TOKEN_PATH] = reply
     answer = create(light_client)
     assert answer.status_code == 502
     assert reason in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"token": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not JSON"),
+    ],
+    ids=["deeper-than-the-parser-goes"],
+)
+def test_an_answer_too_deep_is_a_bad_gateway(
+    light_client: TestClient, upstream: Upstream, body: bytes, reason: str
+) -> None:
+    upstream.replies[elevenlabs.TOKEN_PATH] = Response(body, media_type="application/json")
+    answer = create(light_client)
+    assert answer.status_code == 502, answer.text
+    assert reason in answer.json()["upstream_reason"]
+
+
+def test_a_failing_elevenlabs_is_asked_once_the_caller_decides_when_to_retry(
+    light_client: TestClient, upstream: Upstream
+) -> None:
+    """A token request mints a conversation: a retry after a lost answer would mint a second one."""
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"detail": "overloaded"}, 503, headers={"Retry-After": "2"})
+    answer = create(light_client)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "2"
+    assert len(upstream.seen) == 1
 
 
 def test_unreachable_elevenlabs_is_unavailable(tmp_path: Path) -> None:
@@ -360,7 +389,7 @@ def test_api_key_never_leaves_the_server(
     light_client: TestClient, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An upstream that echoes the key back in its error must not make us echo it further.
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"detail": f"key {API_KEY} is not valid"}, 401)
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"detail": f"key {API_KEY} is not valid"}, 401)
     with caplog.at_level(logging.DEBUG):
         answers = [create(light_client), create(light_client, transport="websocket")]
     upstream.replies.clear()

@@ -23,7 +23,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service import elevenlabs
 from service.config import Settings
 from service.web.app import create_app
 from service.webhook.signature import sign
@@ -178,19 +177,16 @@ def refused_sessions(served: Served, upstream: EchoingElevenLabs) -> None:
 def failed_reconciles(settings: Settings, upstream: EchoingElevenLabs) -> list[Run]:
     """`postcall reconcile` meets the same ElevenLabs: a 401 with the key in JSON, a 500 with it in plain text."""
     runs = []
-    elevenlabs.set_testing(True)  # the 500 is retried, with millisecond waits
-    try:
-        for status, as_json in ((401, True), (500, False)):
-            upstream.status, upstream.as_json = status, as_json
-            for args in ((), ("--agent", "agent_secret")):  # the agents listing, then an agent's conversations
-                run = reconcile(settings, settings.elevenlabs_base_url, API_KEY, "--json", *args)
-                assert run.exit_code == 1, run.stderr
-                runs.append(run)
-    finally:
-        elevenlabs.set_testing(False)
+    for status, as_json in ((401, True), (500, False)):
+        upstream.status, upstream.as_json = status, as_json
+        for args in ((), ("--agent", "agent_secret")):  # the agents listing, then an agent's conversations
+            run = reconcile(settings, settings.elevenlabs_base_url, API_KEY, "--json", *args)
+            assert run.exit_code == 1, run.stderr
+            runs.append(run)
     return runs
 
 
+@pytest.mark.usefixtures("tiny_retry_waits")  # reconcile retries the 500s without waiting
 def test_no_secret_reaches_the_logs_error_bodies_read_api_or_metrics_when_everything_fails(tmp_path: Path) -> None:
     upstream = EchoingElevenLabs()
     with live_server(upstream.app()) as upstream_url:
