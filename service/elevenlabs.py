@@ -11,7 +11,9 @@ Endpoints: agents, conversation pages, details and audio (the reconciler); conve
   `Retry-After` (seconds or an HTTP date, at most `retry_after_max`) replaces the exponential backoff, and after a
   429 no request of this client starts before it has passed (the gate, which stamina's testing mode leaves on:
   a server's instruction is honoured in tests too). `NO_RETRIES` is one attempt.
-- Pages are async iterators that follow `next_cursor` while `has_more`, one page in memory at a time.
+- Pages are async iterators that follow `next_cursor` while `has_more`, one page in memory at a time. An answer that
+  is not a page (the list is missing or not a list, `has_more` not a bool, a cursor that is not a string, or
+  `has_more` without one) is a BadAnswer: read as an empty page it would end the listing early and skip a window.
 - Answers are plain dicts: unknown fields are kept, never rejected (record/payloads.py reads what it knows).
 
 Errors, one tree; each carries `reason` (ElevenLabs' own words, or ours) and the answer's `status` when there was one:
@@ -21,7 +23,7 @@ Errors, one tree; each carries `reason` (ElevenLabs' own words, or ours) and the
     │   └── NotFound      404
     ├── Unreachable       no whole answer: connection failures, resets, protocol errors (after the retries)
     │   └── TimedOut      a timeout
-    └── BadAnswer         a 2xx postcall cannot read: not a JSON object, a cursor repeated, no token
+    └── BadAnswer         a 2xx postcall cannot read: not a JSON object, not a page, a cursor repeated, no token
 
 Every reason has the API key scrubbed from it, then is shortened to MAX_REASON_CHARS: an error message may echo the
 request's headers, and reasons travel on to answers, run records and logs.
@@ -184,6 +186,21 @@ def json_object(raw: bytes | bytearray, status: int) -> dict[str, Any]:
     return without_nul(body) if may_hold_nul(bytes(raw)) else body
 
 
+def page_items(page: Mapping[str, Any], key: str, status: int) -> tuple[list[Any], str | None]:
+    """A list answer's items under `key` and the cursor of the next page (None on the last); BadAnswer if the answer
+    is not a page (ElevenLabs' page models: a list, `has_more` a bool, `next_cursor` a string or null)."""
+    items, has_more, cursor = page.get(key), page.get("has_more"), page.get("next_cursor")
+    if not isinstance(items, list):
+        raise BadAnswer(f"the answer is not a page: {key!r} is not a list", status)
+    if not isinstance(has_more, bool):
+        raise BadAnswer("the answer is not a page: 'has_more' is not true or false", status)
+    if cursor is not None and not isinstance(cursor, str):
+        raise BadAnswer("the answer is not a page: 'next_cursor' is not a string", status)
+    if has_more and not cursor:
+        raise BadAnswer("the answer is not a page: 'has_more' without a 'next_cursor'", status)
+    return items, cursor if has_more else None
+
+
 # --- the client ----------------------------------------------------------------------------------------------------
 
 
@@ -295,10 +312,9 @@ class ElevenLabsClient:
         seen: set[str] = set()  # a cursor handed out twice would page forever
         while True:
             query = {**params, **({"cursor": cursor} if cursor else {})}
-            page = await self._get_json(path, query, kind)
-            yield page.get(key) or []
-            cursor = page.get("next_cursor")
-            if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
+            items, cursor = page_items(await self._get_json(path, query, kind), key, 200)
+            yield items
+            if cursor is None:
                 return
             if cursor in seen:
                 raise BadAnswer(f"the API repeated cursor {cursor[:40]!r}; stopped paging", 200)

@@ -13,7 +13,9 @@ import anyio
 import httpx
 import pytest
 import stamina
+from sqlalchemy.engine import Engine
 
+from service.config import Settings
 from service.elevenlabs import (
     NO_RETRIES,
     ApiError,
@@ -25,8 +27,9 @@ from service.elevenlabs import (
     retry_after_seconds,
 )
 from service.storage.audio import BlobStore
-from service.testing import FakePlatform, seed_conversations
+from service.testing import FakeConversation, FakePlatform, seed_conversations
 from tests.support.live import free_port
+from tests.support.reconcile import checkpoint, reconcile, rows
 
 KEY = "client-key"
 NOW = int(time.time())
@@ -226,6 +229,35 @@ def test_a_client_without_retries_asks_once(platform: FakePlatform, base_url: st
 # --- answers that are not what the API documents ----------------------------------------------------------------
 
 
+NOT_PAGES = [
+    pytest.param({}, "'conversations' is not a list", id="empty-object"),
+    pytest.param({"detail": "Not authenticated"}, "'conversations' is not a list", id="detail"),
+    pytest.param({"conversations": None, "has_more": False}, "'conversations' is not a list", id="null-list"),
+    pytest.param({"conversations": {"a": 1}, "has_more": False}, "'conversations' is not a list", id="object-list"),
+    pytest.param({"conversations": [], "has_more": "false"}, "'has_more' is not true or false", id="string-has-more"),
+    pytest.param({"conversations": []}, "'has_more' is not true or false", id="no-has-more"),
+    pytest.param({"conversations": [], "has_more": True, "next_cursor": 7}, "'next_cursor' is not a string", id="int"),
+    pytest.param({"conversations": [], "has_more": True, "next_cursor": None}, "without a 'next_cursor'", id="none"),
+]
+
+
+@pytest.mark.parametrize(("answer", "reason"), NOT_PAGES)
+def test_a_list_answer_that_is_not_a_page_is_an_error(
+    platform: FakePlatform, base_url: str, answer: dict[str, object], reason: str
+) -> None:
+    """Read as an empty page, such an answer would end the listing early: the window's rest never stored."""
+    platform.answer_with(answer, 1, kinds={"list"})
+
+    async def collect() -> int:
+        async with client(base_url) as api:
+            return len([page async for page in api.conversation_pages("agent_a", 0, NOW)])
+
+    with pytest.raises(BadAnswer, match="not a page") as caught:
+        anyio.run(collect)
+    assert reason in caught.value.reason
+    assert len(platform.calls_to("list")) == 1  # not retried: asking again would get the same
+
+
 def nested(depth: int) -> bytes:
     return b'{"conversation_id": "conv_deep", "x": ' + b"[" * depth + b"]" * depth + b"}"
 
@@ -246,3 +278,45 @@ def test_deeply_nested_json_is_a_bad_answer(platform: FakePlatform, base_url: st
     with pytest.raises(BadAnswer) as caught:
         anyio.run(detail)
     assert reason in caught.value.reason
+
+
+# --- the reconciler meets them: the run fails, the checkpoint stays ---------------------------------------------
+
+FIRST_UNTIL = NOW - 3600
+
+
+def reconciled_platform() -> FakePlatform:
+    """Conversations over two days, three of them after FIRST_UNTIL: a first run up to it leaves those to the next."""
+    platform = FakePlatform(api_key=KEY, conversations=seed_conversations(12, ("agent_a",), now=FIRST_UNTIL, seed=5))
+    for i in range(3):
+        platform.add(FakeConversation(f"conv_recent_{i}", "agent_a", NOW - 600 - 60 * i))
+    return platform
+
+
+@pytest.mark.usefixtures("tiny_retry_waits")
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"detail": "Service temporarily degraded"}, {"conversations": None, "has_more": False}],
+    ids=["empty-object", "detail", "null-list"],
+)
+def test_a_run_that_meets_a_list_answer_that_is_not_a_page_fails_and_keeps_the_checkpoint(
+    settings: Settings, engine: Engine, answer: dict[str, object]
+) -> None:
+    platform = reconciled_platform()
+    with platform.serve() as url:
+        first = reconcile(settings, url, KEY, "--json", "--agent", "agent_a", "--until", str(FIRST_UNTIL))
+        assert first.exit_code == 0, first.stderr
+        assert checkpoint(engine, "agent_a") == FIRST_UNTIL
+
+        platform.answer_with(answer, None, kinds={"list"})
+        failed = reconcile(settings, url, KEY, "--json", "--agent", "agent_a")
+        assert failed.exit_code == 1, failed.stdout
+        assert any("not a page" in error for error in failed.json["errors"]), failed.json["errors"]
+        assert checkpoint(engine, "agent_a") == FIRST_UNTIL
+        assert max(rows(engine, "reconcile_run"), key=lambda run: int(run["id"]))["status"] == "failed"
+
+        platform.clear_faults()
+        fixed = reconcile(settings, url, KEY, "--json", "--agent", "agent_a")
+    assert fixed.exit_code == 0, fixed.stdout
+    stored = {row["conversation_id"] for row in rows(engine, "conversation")}
+    assert stored == {c.conversation_id for c in platform.all()}
