@@ -3,9 +3,13 @@
 Endpoints: agents, conversation pages, details and audio (the reconciler); conversation tokens and signed URLs
 (the session broker). The `xi-api-key` header is built here and nowhere else.
 
-- Every request has timeouts and holds one of `concurrency` slots while it is on the wire.
-- JSON is parsed with orjson, which refuses nesting past 1024 levels with a JSONDecodeError (where the standard
-  library's parser raises RecursionError): BadAnswer.
+- Every request has timeouts and holds one of `concurrency` slots while it is on the wire; a client built with a
+  `deadline` ends each call within it, retries included, whatever the upstream does (a dripping answer included:
+  each byte inside the read timeout keeps httpx waiting).
+- Answers are streamed and read only so far: a JSON answer up to `max_json_bytes` (past it: BadAnswer), an error
+  answer up to MAX_ERROR_BYTES (enough for its reason). JSON is parsed with orjson, which refuses nesting past 1024
+  levels (where the standard library raises RecursionError); past MAX_JSON_DEPTH it is a BadAnswer too, because
+  the store serialises with orjson, which refuses values deeper than 254, and nothing ElevenLabs sends comes close.
 - Retries are stamina's, with the client's `RetryPolicy`: an ApiError for 429 or 5xx and Unreachable (transport
   errors: connect/read/write/pool timeouts, connection resets, protocol errors) are retried, nothing else. A
   `Retry-After` (seconds or an HTTP date, at most `retry_after_max`) replaces the exponential backoff, and after a
@@ -22,8 +26,9 @@ Errors, one tree; each carries `reason` (ElevenLabs' own words, or ours) and the
     ├── ApiError          an error status, after the retries where it was retried (`retryable`, `retry_after`)
     │   └── NotFound      404
     ├── Unreachable       no whole answer: connection failures, resets, protocol errors (after the retries)
-    │   └── TimedOut      a timeout
-    └── BadAnswer         a 2xx postcall cannot read: not a JSON object, not a page, a cursor repeated, no token
+    │   └── TimedOut      a timeout, or the client's deadline passed
+    └── BadAnswer         a 2xx postcall cannot read: not a JSON object, too large, too deep, not a page, a cursor
+                          repeated, no token
 
 Every reason has the API key scrubbed from it, then is shortened to MAX_REASON_CHARS: an error message may echo the
 request's headers, and reasons travel on to answers, run records and logs.
@@ -57,6 +62,10 @@ TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 TOKEN_PATH = "/v1/convai/conversation/token"  # noqa: S105 (a path, not a secret)
 SIGNED_URL_PATH = "/v1/convai/conversation/get-signed-url"
 MAX_REASON_CHARS = 300
+# Details hold whole transcripts (the largest seen are a few MB): far above that, far below what hurts a process.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 128
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -183,7 +192,26 @@ def json_object(raw: bytes | bytearray, status: int) -> dict[str, Any]:
         raise BadAnswer(f"the answer is not a JSON object (not JSON: {exc})", status) from None
     if not isinstance(body, dict):
         raise BadAnswer(f"the answer is not a JSON object (a {type(body).__name__})", status)
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise BadAnswer(f"the answer is nested deeper than {MAX_JSON_DEPTH} levels", status)
     return without_nul(body) if may_hold_nul(bytes(raw)) else body
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds lists or objects more than `limit` levels deep. Level by level, not recursion: the value
+    may be as deep as the parser allows. Only containers are kept: a 7 MB transcript takes about 90 ms, 40% of
+    what orjson takes to parse it."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        deeper: list[Any] = []
+        for item in level:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, dict | list):
+                    deeper.append(child)
+        if not deeper:
+            return False
+        level = deeper
+    return True
 
 
 def page_items(page: Mapping[str, Any], key: str, status: int) -> tuple[list[Any], str | None]:
@@ -201,6 +229,30 @@ def page_items(page: Mapping[str, Any], key: str, status: int) -> tuple[list[Any
     return items, cursor if has_more else None
 
 
+async def read_at_most(response: httpx.Response, limit: int) -> bytearray | None:
+    """The body, or None once it passes `limit` bytes (decoded bytes: a compressed bomb counts at its real size);
+    reading stops there."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+async def error_body(response: httpx.Response) -> bytes:
+    """The start of an error answer, for its reason: never more than MAX_ERROR_BYTES, however long it is."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk[: MAX_ERROR_BYTES - len(body)]
+        if len(body) >= MAX_ERROR_BYTES:
+            break
+    return bytes(body)
+
+
 # --- the client ----------------------------------------------------------------------------------------------------
 
 
@@ -215,6 +267,8 @@ class ElevenLabsClient:
         *,
         retries: RetryPolicy | None = None,
         concurrency: int = 8,
+        deadline: float | None = None,
+        max_json_bytes: int = MAX_JSON_BYTES,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -223,6 +277,8 @@ class ElevenLabsClient:
         self._headers = {"xi-api-key": api_key}
         self._retries = retries or RetryPolicy()
         self._slots = anyio.Semaphore(concurrency)
+        self._deadline = deadline
+        self._max_json_bytes = max_json_bytes
         self._sleep = sleep
         self._clock = clock
         self._not_before = 0.0  # clock time before which no request starts (a 429's Retry-After)
@@ -322,11 +378,26 @@ class ElevenLabsClient:
 
     async def _get_json(self, path: str, params: Mapping[str, Any], kind: str) -> dict[str, Any]:
         async def parse(response: httpx.Response) -> dict[str, Any]:
-            return json_object(await response.aread(), response.status_code)
+            raw = await read_at_most(response, self._max_json_bytes)
+            if raw is None:
+                raise BadAnswer(f"the answer is larger than {self._max_json_bytes} bytes", response.status_code)
+            return json_object(raw, response.status_code)
 
         return await self._send(path, params, kind, parse)
 
     async def _send(
+        self, path: str, params: Mapping[str, Any], kind: str, consume: Callable[[httpx.Response], Awaitable[T]]
+    ) -> T:
+        """One call: its attempts, all of them within the client's deadline if it has one."""
+        if self._deadline is None:
+            return await self._attempts(path, params, kind, consume)
+        try:
+            with anyio.fail_after(self._deadline):
+                return await self._attempts(path, params, kind, consume)
+        except TimeoutError:
+            raise TimedOut(f"ElevenLabs did not answer within {self._deadline:g} s (GET {path})") from None
+
+    async def _attempts(
         self, path: str, params: Mapping[str, Any], kind: str, consume: Callable[[httpx.Response], Awaitable[T]]
     ) -> T:
         policy = self._retries
@@ -340,7 +411,7 @@ class ElevenLabsClient:
         retrying = stamina.retry_context(
             on=backoff,
             attempts=policy.attempts,
-            timeout=None,  # bounded by the attempts
+            timeout=None,  # bounded by the attempts (and the deadline, for a client that has one)
             wait_initial=policy.wait_initial,
             wait_max=policy.wait_max,
             wait_jitter=policy.wait_jitter,
@@ -367,7 +438,7 @@ class ElevenLabsClient:
                 try:
                     if response.is_success:
                         return await consume(response)
-                    body = await response.aread()
+                    body = await error_body(response)
                 finally:
                     await response.aclose()
             except httpx.TimeoutException as exc:

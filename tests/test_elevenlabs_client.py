@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -258,13 +260,27 @@ def test_a_list_answer_that_is_not_a_page_is_an_error(
     assert len(platform.calls_to("list")) == 1  # not retried: asking again would get the same
 
 
-def nested(depth: int) -> bytes:
-    return b'{"conversation_id": "conv_deep", "x": ' + b"[" * depth + b"]" * depth + b"}"
+class AsyncChunks(httpx.AsyncByteStream):
+    """An answer body that arrives chunk by chunk, with no Content-Length."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+
+
+def nested(depth: int, conversation_id: str = "conv_deep") -> bytes:
+    """A done conversation's detail whose metadata is lists in lists `depth` deep (orjson writes at most 254)."""
+    head = f'{{"conversation_id": "{conversation_id}", "status": "done", "metadata": {{"x": '.encode()
+    return head + b"[" * depth + b"]" * depth + b"}}"
 
 
 @pytest.mark.parametrize(
     ("depth", "reason"),
     [
+        pytest.param(300, "nested deeper than 128 levels", id="deeper-than-postcall-stores"),
         pytest.param(5000, "not JSON: depth limit exceeded", id="deeper-than-the-parser-goes"),
     ],
 )
@@ -280,15 +296,72 @@ def test_deeply_nested_json_is_a_bad_answer(platform: FakePlatform, base_url: st
     assert reason in caught.value.reason
 
 
+@dataclass
+class EndlessAnswer:
+    """An answer whose body does not end (1 KiB chunks after `start`, no Content-Length); counts what was pulled."""
+
+    status: int
+    start: bytes = b""
+    pulled: int = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.start
+        while self.pulled < 100_000:
+            self.pulled += 1
+            yield b"z" * 1024
+
+    def client(self, **options: Any) -> ElevenLabsClient:
+        transport = httpx.MockTransport(lambda request: httpx.Response(self.status, stream=AsyncChunks(self.chunks())))
+        http = httpx.AsyncClient(base_url="http://api.test", transport=transport)
+        return ElevenLabsClient(http, KEY, retries=FAST, **options)
+
+
+def test_a_json_answer_over_the_size_cap_is_a_bad_answer_and_is_not_read_on() -> None:
+    endless = EndlessAnswer(200, b'{"conversation_id": "conv_big", "transcript": "')
+
+    async def detail() -> None:
+        async with endless.client(max_json_bytes=10 * 1024) as api:
+            await api.conversation("conv_big")
+
+    with pytest.raises(BadAnswer, match="larger than 10240 bytes"):
+        anyio.run(detail)
+    assert endless.pulled <= 11  # reading stopped at the first chunk past the cap
+
+
+def test_the_detail_cap_leaves_room_for_whole_transcripts(platform: FakePlatform, base_url: str) -> None:
+    cid = platform.all()[0].conversation_id
+    detail = {**platform.get(cid).detail(), "transcript": [{"role": "user", "message": "y" * 1000}] * 4000}
+    platform.answer_with(detail, 1, kinds={"detail"})  # about 4 MB
+
+    async def fetch() -> dict[str, object]:
+        async with client(base_url) as api:
+            return await api.conversation(cid)
+
+    assert len(anyio.run(fetch)["transcript"]) == 4000  # type: ignore[arg-type]
+
+
+def test_an_error_answer_is_read_only_as_far_as_its_reason_needs() -> None:
+    endless = EndlessAnswer(400)
+
+    async def detail() -> None:
+        async with endless.client() as api:
+            await api.conversation("conv_x")
+
+    with pytest.raises(ApiError) as caught:
+        anyio.run(detail)
+    assert caught.value.reason.startswith("Bad Request: zzz")
+    assert endless.pulled <= 64  # 64 KiB, of an answer without end
+
+
 # --- the reconciler meets them: the run fails, the checkpoint stays ---------------------------------------------
 
 FIRST_UNTIL = NOW - 3600
 
 
-def reconciled_platform() -> FakePlatform:
-    """Conversations over two days, three of them after FIRST_UNTIL: a first run up to it leaves those to the next."""
+def reconciled_platform(recent: int = 3) -> FakePlatform:
+    """Conversations over two days, `recent` of them after FIRST_UNTIL: a first run up to it leaves them to the next."""
     platform = FakePlatform(api_key=KEY, conversations=seed_conversations(12, ("agent_a",), now=FIRST_UNTIL, seed=5))
-    for i in range(3):
+    for i in range(recent):
         platform.add(FakeConversation(f"conv_recent_{i}", "agent_a", NOW - 600 - 60 * i))
     return platform
 
@@ -320,3 +393,25 @@ def test_a_run_that_meets_a_list_answer_that_is_not_a_page_fails_and_keeps_the_c
     assert fixed.exit_code == 0, fixed.stdout
     stored = {row["conversation_id"] for row in rows(engine, "conversation")}
     assert stored == {c.conversation_id for c in platform.all()}
+
+
+@pytest.mark.usefixtures("tiny_retry_waits")
+@pytest.mark.parametrize("depth", [300, 5000], ids=["deeper-than-postcall-stores", "deeper-than-the-parser-goes"])
+def test_a_run_that_meets_deeply_nested_json_fails_cleanly_and_keeps_the_checkpoint(
+    settings: Settings, engine: Engine, depth: int
+) -> None:
+    """Such a detail crashed the run with a traceback (a RecursionError parsing it, or the store's serialiser
+    refusing it); now it is one failed conversation."""
+    platform = reconciled_platform(recent=1)
+    with platform.serve() as url:
+        first = reconcile(settings, url, KEY, "--json", "--agent", "agent_a", "--until", str(FIRST_UNTIL))
+        assert first.exit_code == 0, first.stderr
+        platform.answer_with(nested(depth, "conv_recent_0"), None, kinds={"detail"})
+        failed = reconcile(settings, url, KEY, "--json", "--agent", "agent_a")
+    assert failed.exit_code == 1, failed.stdout
+    assert failed.json["failed"] == 1
+    [error] = failed.json["errors"]
+    assert error.startswith("conv_recent_0: detail: HTTP 200: the answer is ")
+    assert "nested deeper than 128 levels" in error or "not JSON: depth limit exceeded" in error
+    held = platform.get("conv_recent_0").start_time_unix_secs
+    assert checkpoint(engine, "agent_a") == held  # up to the conversation it could not store, not past it

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -36,6 +37,7 @@ from tests.support.reconcile import reconcile
 from tests.test_session_token import livekit_claims, make_token
 
 API_KEY = "xi-secret-key-0123456789"
+DRIP_SECONDS = 30
 AUTH = {"Authorization": "Bearer test-token"}
 
 
@@ -344,10 +346,12 @@ def test_unreadable_success_is_a_bad_gateway(
     ("body", "reason"),
     [
         (b'{"token": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not JSON"),
+        (b'{"token": "x", "extra": ' + b"[" * 200 + b"]" * 200 + b"}", "nested deeper than"),
+        (b'{"token": "' + b"x" * (2 * 1024 * 1024) + b'"}', "larger than 1048576 bytes"),
     ],
-    ids=["deeper-than-the-parser-goes"],
+    ids=["deeper-than-the-parser-goes", "deeper-than-postcall-stores", "2-MiB"],
 )
-def test_an_answer_too_deep_is_a_bad_gateway(
+def test_an_answer_too_deep_or_too_large_is_a_bad_gateway(
     light_client: TestClient, upstream: Upstream, body: bytes, reason: str
 ) -> None:
     upstream.replies[elevenlabs.TOKEN_PATH] = Response(body, media_type="application/json")
@@ -365,6 +369,28 @@ def test_a_failing_elevenlabs_is_asked_once_the_caller_decides_when_to_retry(
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "2"
     assert len(upstream.seen) == 1
+
+
+def test_a_dripping_elevenlabs_is_cut_off_at_the_deadline(
+    tmp_path: Path, upstream: Upstream, upstream_server: tuple[Upstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each byte arrives within the read timeout, so only an overall deadline ends the call (here 1 s, not 10)."""
+
+    async def drip() -> AsyncIterator[bytes]:
+        yield b'{"token": "'
+        for _ in range(DRIP_SECONDS * 5):
+            await anyio.sleep(0.2)
+            yield b"x"
+        yield b'"}'
+
+    upstream.replies[elevenlabs.TOKEN_PATH] = StreamingResponse(drip(), media_type="application/json")
+    monkeypatch.setattr(sessions, "DEADLINE_SECONDS", 1.0)
+    started = time.monotonic()
+    with TestClient(create_app(broker_settings(sqlite_settings(tmp_path), upstream_server[1]))) as client:
+        answer = create(client)
+    assert answer.status_code == 503, answer.text
+    assert "did not answer within 1 s" in answer.json()["error"]
+    assert time.monotonic() - started < DRIP_SECONDS  # a bound: without the deadline the drip ends after 30 s
 
 
 def test_unreachable_elevenlabs_is_unavailable(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ labels), so the post-call webhook and the reconciler later merge into the same r
 ElevenLabs is asked through the one client (service/elevenlabs.py), built for the broker by `elevenlabs_client`:
 - no retries: a caller is waiting, and each token request mints a conversation at ElevenLabs, so a retry after a
   lost answer would mint a second one; a 429 or 5xx goes back at once as a 503 with the upstream's Retry-After,
-  and the caller decides when to try again.
+  and the caller decides when to try again;
+- one deadline for the whole call (DEADLINE_SECONDS), however slowly the upstream drips its answer;
+- an answer read up to MAX_ANSWER_BYTES (a token answer is a few hundred bytes).
 
 Errors are types; `service/web/errors.py` turns them into answers:
 - InvalidSessionRequest(field, message): the body does not describe a session (422), before ElevenLabs is asked.
@@ -35,8 +37,10 @@ from service.record import payloads, store
 
 log = logging.getLogger("postcall.sessions")
 
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
-# Sessions are started by people waiting for a call; more at once than this wait for a slot.
+DEADLINE_SECONDS = 10.0
+TIMEOUT = httpx.Timeout(DEADLINE_SECONDS, connect=5.0)  # a host that does not accept is given up on sooner
+MAX_ANSWER_BYTES = 1024 * 1024
+# Sessions are started by people waiting for a call; more at once than this wait for a slot (within the deadline).
 CONCURRENCY = 64
 MAX_LABELS = 64
 # Lengths bounded by the columns they land in (models.Conversation), so a long value is a 422, not a 500.
@@ -149,6 +153,8 @@ def elevenlabs_client(settings: Settings) -> ElevenLabsClient | None:
         timeout=TIMEOUT,
         concurrency=CONCURRENCY,
         retries=NO_RETRIES,
+        deadline=DEADLINE_SECONDS,
+        max_json_bytes=MAX_ANSWER_BYTES,
     )
 
 
