@@ -51,6 +51,7 @@ import httpx
 import orjson
 import stamina
 
+from service import logs
 from service.record.payloads import may_hold_nul, without_nul
 from service.storage.audio import BlobStore, TempBlob
 
@@ -66,6 +67,7 @@ MAX_REASON_CHARS = 300
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 128
+MAX_RETRY_AFTER_DIGITS = 9  # 31 years: longer is no wait anyone means
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -129,19 +131,18 @@ NO_RETRIES = RetryPolicy(attempts=1)
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A Retry-After header as seconds from `now`: delta-seconds or an HTTP date; None when absent or unreadable."""
+    """A Retry-After header as seconds from `now`: delta-seconds (digits only, as RFC 9110 has them) or an HTTP
+    date; None when absent or anything else (a fraction, a sign, 5,000 digits)."""
     if value is None:
         return None
     text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(text) if len(text) <= MAX_RETRY_AFTER_DIGITS else None
     try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+        seconds = email.utils.parsedate_to_datetime(text).timestamp() - now
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, seconds)
 
 
 def _retried(exc: BaseException) -> bool:
@@ -275,6 +276,8 @@ class ElevenLabsClient:
         self._http = http
         self._api_key = api_key
         self._headers = {"xi-api-key": api_key}
+        # An upstream that echoes the key in its status line would put it in httpx's own log line: no log shows it.
+        logs.never_show(api_key)
         self._retries = retries or RetryPolicy()
         self._slots = anyio.Semaphore(concurrency)
         self._deadline = deadline

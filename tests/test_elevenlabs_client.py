@@ -157,7 +157,10 @@ def test_audio_streams_into_a_temp_blob(platform: FakePlatform, base_url: str, t
 def test_retry_after_reads_seconds_and_http_dates() -> None:
     now = 1_780_000_000.0
     assert retry_after_seconds("7", now) == 7
-    assert retry_after_seconds("0.5", now) == 0.5
+    assert retry_after_seconds(" 7 ", now) == 7
+    # RFC 9110's delta-seconds are digits: a fraction, a sign, an exponent or 5,000 digits is not a Retry-After.
+    for not_seconds in ("0.5", "-5", "1e3", "inf", "9" * 5000, "\u0663"):
+        assert retry_after_seconds(not_seconds, now) is None, not_seconds
     date = format_datetime(datetime.fromtimestamp(now + 30, UTC), usegmt=True)
     assert retry_after_seconds(date, now) == pytest.approx(30)
     assert retry_after_seconds("soon", now) is None

@@ -70,6 +70,10 @@ async def broker_not_configured(request: Request, exc: Exception) -> Response:
     return error(503, str(exc))
 
 
+# A Retry-After passed on to broker callers: whole seconds up to an hour; anything else ElevenLabs sends is omitted.
+MAX_RETRY_AFTER_SECONDS = 3600
+
+
 def upstream_answer(exc: elevenlabs.ElevenLabsError) -> tuple[int, str]:
     """The broker's answer to a failed ElevenLabs call (PRODUCT.md): a refusal 502, 404 404, 429/5xx or no answer
     503, an answer postcall cannot read 502."""
@@ -83,9 +87,10 @@ def upstream_answer(exc: elevenlabs.ElevenLabsError) -> tuple[int, str]:
 
 
 def retry_after_header(exc: elevenlabs.ElevenLabsError) -> str | None:
-    """The upstream's Retry-After as whole seconds, if it sent one."""
+    """The upstream's Retry-After as whole seconds when it is one a caller can use; None otherwise (absent,
+    unreadable — the client reads only digits and HTTP dates — or longer than an hour)."""
     seconds = exc.retry_after if isinstance(exc, elevenlabs.ApiError) else None
-    if seconds is None or not math.isfinite(seconds):
+    if seconds is None or seconds > MAX_RETRY_AFTER_SECONDS:
         return None
     return str(math.ceil(seconds))
 
