@@ -442,6 +442,8 @@ def test_api_key_never_leaves_the_server(
         ({"agent_id": "a" * 257, "transport": "webrtc"}, "agent_id"),
         ({"agent_id": "agent_1"}, "transport"),
         ({"agent_id": "agent_1", "transport": "sip"}, "transport"),
+        ({"agent_id": "agent_1", "transport": ["webrtc"]}, "transport"),
+        ({"agent_id": "agent_1", "transport": {"kind": "webrtc"}}, "transport"),
         ({"agent_id": "agent_1", "transport": "webrtc", "user_id": 7}, "user_id"),
         ({"agent_id": "agent_1", "transport": "webrtc", "branch_id": ""}, "branch_id"),
         ({"agent_id": "agent_1", "transport": "webrtc", "labels": ["a"]}, "labels"),
@@ -459,6 +461,24 @@ def test_bad_bodies_are_refused_naming_the_field(
     assert answer.json()["field"] == field
     assert answer.json()["error"].startswith(field)
     assert upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "field"),
+    [({"ticket": "T-\x001"}, "labels.ticket"), ({"tick\x00et": "T-1"}, "labels")],
+    ids=["in-a-value", "in-a-name"],
+)
+def test_a_label_holding_nul_is_refused_before_elevenlabs_is_asked(
+    client: TestClient, engine: Engine, upstream: Upstream, labels: dict[str, str], field: str
+) -> None:
+    """PostgreSQL cannot store NUL: refused at the door, before ElevenLabs mints a conversation nobody records."""
+    answer = create(client, labels=labels)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field
+    assert "NUL" in answer.json()["error"]
+    assert upstream.seen == []
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM conversation").scalar_one() == 0
 
 
 def test_a_body_that_is_not_json_is_refused(light_client: TestClient) -> None:

@@ -12,7 +12,8 @@ ElevenLabs is asked through the one client (service/elevenlabs.py), built for th
 - an answer read up to MAX_ANSWER_BYTES (a token answer is a few hundred bytes).
 
 Errors are types; `service/web/errors.py` turns them into answers:
-- InvalidSessionRequest(field, message): the body does not describe a session (422), before ElevenLabs is asked.
+- InvalidSessionRequest(field, message): the body does not describe a session (422), before ElevenLabs is asked;
+  the string fields are printable, so NUL (which PostgreSQL cannot store) never gets past the door.
 - BrokerNotConfigured: no POSTCALL_ELEVENLABS_API_KEY (503).
 - the client's ElevenLabsError tree: upstream 401/403 and other refusals 502, 404 404, 429/5xx/no answer 503,
   an answer that cannot be read 502 — each with ElevenLabs' own reason, the API key scrubbed from it.
@@ -106,7 +107,7 @@ def parse_request(payload: Any) -> SessionRequest:
     agent_id = _string(payload, "agent_id", required=True)
     assert agent_id is not None
     transport = payload.get("transport", None)
-    if transport not in {t.value for t in Transport}:
+    if not isinstance(transport, str) or transport not in {t.value for t in Transport}:  # a list is unhashable
         raise InvalidSessionRequest("transport", 'must be "webrtc" or "websocket"')
     optional = {name: _string(payload, name, required=False) for name in _OPTIONAL}
     return SessionRequest(
@@ -132,11 +133,15 @@ def _labels(value: Any) -> dict[str, str]:
         raise InvalidSessionRequest("labels", "must be an object of strings")
     if len(value) > MAX_LABELS:
         raise InvalidSessionRequest("labels", f"may hold at most {MAX_LABELS} labels")
+    # NUL is refused, not replaced: PostgreSQL cannot store it, and a label altered on the way would no longer
+    # find the conversation by the value the caller knows. Refused here, before ElevenLabs mints a conversation.
     for key, item in value.items():
-        if not key or len(key) > MAX_LABEL_KEY_CHARS:
-            raise InvalidSessionRequest("labels", f"names must have 1 to {MAX_LABEL_KEY_CHARS} characters")
-        if not isinstance(item, str) or len(item) > MAX_LABEL_VALUE_CHARS:
-            raise InvalidSessionRequest(f"labels.{key}", f"must be a string of at most {MAX_LABEL_VALUE_CHARS} chars")
+        if not key or len(key) > MAX_LABEL_KEY_CHARS or "\x00" in key:
+            raise InvalidSessionRequest("labels", f"names must have 1 to {MAX_LABEL_KEY_CHARS} characters, no NUL")
+        if not isinstance(item, str) or len(item) > MAX_LABEL_VALUE_CHARS or "\x00" in item:
+            raise InvalidSessionRequest(
+                f"labels.{key}", f"must be a string of at most {MAX_LABEL_VALUE_CHARS} characters, no NUL"
+            )
     return dict(value)
 
 
