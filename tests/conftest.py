@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import stamina
 from sqlalchemy.engine import Engine
 
-from service import elevenlabs
 from service.config import Settings
 from service.storage.db import create_engine
 from tests.support.databases import empty_tables, migrated_sqlite, postgres_database
@@ -67,7 +67,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def tiny_retry_waits() -> Iterator[None]:
-    """The ElevenLabs client's retry waits shrink to milliseconds (its testing mode) for the test."""
-    elevenlabs.set_testing(True)
-    yield
-    elevenlabs.set_testing(False)
+    """stamina's testing mode for the test: the ElevenLabs client makes every attempt its policy allows (capped at
+    10), without backoff between them. A Retry-After is still waited out: the client's gate honours it."""
+    with stamina.set_testing(True, attempts=10, cap=True):
+        yield

@@ -25,7 +25,7 @@ MAX_BODY_BYTES = 256 * 1024
 async def create(request: Request) -> JSONResponse:
     state = app_state(request)
     session_request = sessions.parse_request(await _json_body(request))
-    session = await sessions.open_session(state.elevenlabs, state.settings.elevenlabs_api_key, session_request)
+    session = await sessions.open_session(state.elevenlabs, session_request)
     if session.conversation_id is not None:
         at = datetime.fromtimestamp(state.clock(), UTC)
         await state.write(lambda conn: sessions.record_session(conn, session, session_request, at))

@@ -16,8 +16,8 @@ It answers what postcall calls, shaped like ElevenLabs' models:
 Every request needs the `xi-api-key` it was built with (else 401) and is logged in `calls` (time, path, query,
 status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
 for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
-or `stall` for chosen kinds), with a body cut off (`truncate`), with a list cursor that repeats
-(`repeat_cursors`), and keeps conversations `processing` until a test finishes them (`set_status`).
+or `stall` for chosen kinds), with a body cut off (`truncate`) or replaced (`answer_with`), with a list cursor that
+repeats (`repeat_cursors`), and keeps conversations `processing` until a test finishes them (`set_status`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -38,6 +38,7 @@ Python API, for tests and for the session broker's tests:
         platform.truncate(1, abort=True)            # … or promises the whole body and drops the connection halfway
         platform.stall(2.0, None, kinds={"list"})   # list requests wait 2 s before answering, until clear_faults()
         platform.repeat_cursors = True              # a list page asked for with a cursor hands that cursor back
+        platform.answer_with({}, 1, kinds={"list"}) # the next list answer is 200 with this JSON instead of a page
         platform.clear_faults()                     # every fault above (and throttles) off
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
@@ -102,6 +103,7 @@ class _Fault:
     status: int = 500  # for `fail`
     abort: bool = False  # for `truncate`
     seconds: float = 0.0  # for `stall`
+    body: Any = None  # for `answer_with`
 
     def take(self, kind: str) -> bool:
         """Whether this fault applies to a request of `kind`; counts it down if so."""
@@ -148,6 +150,7 @@ class FakePlatform:
         self._throttles: list[_Throttle] = []
         self._failures: list[_Fault] = []
         self._truncations: list[_Fault] = []
+        self._replacements: list[_Fault] = []
         self._stalls: list[_Fault] = []
         self._unstall = threading.Event()  # set by `clear_faults()`: the stalls in progress end with it
         self._agents = list(self.agents)
@@ -276,6 +279,12 @@ class FakePlatform:
         with self._lock:
             self._truncations.append(_Fault(times, _kinds(kinds), abort=abort))
 
+    def answer_with(self, body: Any, times: int | None, kinds: Iterable[str] | None = None) -> None:
+        """The next `times` answers that would be 200 (of `kinds`) are 200 with `body` as JSON instead (bytes are
+        sent as they are): an API that answers, but not with what it documents."""
+        with self._lock:
+            self._replacements.append(_Fault(times, _kinds(kinds), body=body))
+
     def stall(self, seconds: float, times: int | None, kinds: Iterable[str] | None = None) -> None:
         """The next `times` requests (of `kinds`) wait `seconds` before they are answered: a client timeout."""
         with self._lock:
@@ -287,6 +296,7 @@ class FakePlatform:
             self._throttles.clear()
             self._failures.clear()
             self._truncations.clear()
+            self._replacements.clear()
             self._stalls.clear()
             self.repeat_cursors = False
             self._unstall.set()
@@ -415,7 +425,11 @@ class FakePlatform:
         if response.status_code != 200:
             return response
         with self._lock:
-            fault = next((t for t in self._truncations if t.take(kind)), None)
+            replacement = next((r for r in self._replacements if r.take(kind)), None)
+            fault = None if replacement else next((t for t in self._truncations if t.take(kind)), None)
+        if replacement is not None:
+            body = replacement.body
+            return Response(body, media_type="application/json") if isinstance(body, bytes) else _json(body)
         if fault is None:
             return response
         if fault.abort:

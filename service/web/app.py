@@ -47,7 +47,7 @@ def create_app(
         db = create_engine(settings.database_url) if engine is None else engine
         blobs = BlobStore(settings.data_dir)
         await anyio.to_thread.run_sync(_tidy_data_dir, blobs, db)
-        elevenlabs = sessions.elevenlabs_client(settings.elevenlabs_base_url)
+        elevenlabs = sessions.elevenlabs_client(settings)
         writer = BatchWriter(db)
         writer.start()
         app.state.postcall = AppState(
@@ -63,7 +63,8 @@ def create_app(
             yield
         finally:
             await anyio.to_thread.run_sync(writer.stop)
-            await elevenlabs.aclose()
+            if elevenlabs is not None:
+                await elevenlabs.aclose()
             if own_engine:
                 db.dispose()
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio.to_thread
-import httpx
 from sqlalchemy.engine import Connection, Engine
 from starlette.requests import Request
 
 from service.config import Settings
+from service.elevenlabs import ElevenLabsClient
 from service.storage.audio import BlobStore
 from service.storage.db import transaction
 from service.webhook.body import DEFAULT_PACE, Pace
@@ -27,7 +27,7 @@ class AppState:
     engine: Engine
     blobs: BlobStore
     clock: Callable[[], float] = field(default=time.time)
-    elevenlabs: httpx.AsyncClient = field(kw_only=True)  # the session broker's client, closed by the lifespan
+    elevenlabs: ElevenLabsClient | None = field(kw_only=True)  # the broker's (None: no key); lifespan closes it
     writer: BatchWriter = field(kw_only=True)  # group commit for webhook deliveries, stopped by the lifespan
     pace: Pace = field(default=DEFAULT_PACE, kw_only=True)  # how slowly a webhook body may arrive
     webhook_secrets: list[bytes] = field(init=False)  # encoded once: every webhook needs them
