@@ -67,6 +67,8 @@ MAX_REASON_CHARS = 300
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 128
+# A recording is an MP3 of the call: 256 MiB is ~4.6 hours at 128 kbit/s, past any call ElevenLabs allows.
+MAX_AUDIO_BYTES = 256 * 1024 * 1024
 MAX_RETRY_AFTER_DIGITS = 9  # 31 years: longer is no wait anyone means
 
 
@@ -270,6 +272,7 @@ class ElevenLabsClient:
         concurrency: int = 8,
         deadline: float | None = None,
         max_json_bytes: int = MAX_JSON_BYTES,
+        max_audio_bytes: int = MAX_AUDIO_BYTES,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -282,6 +285,7 @@ class ElevenLabsClient:
         self._slots = anyio.Semaphore(concurrency)
         self._deadline = deadline
         self._max_json_bytes = max_json_bytes
+        self._max_audio_bytes = max_audio_bytes
         self._sleep = sleep
         self._clock = clock
         self._not_before = 0.0  # clock time before which no request starts (a 429's Retry-After)
@@ -335,15 +339,26 @@ class ElevenLabsClient:
     async def download_audio(self, conversation_id: str, blobs: BlobStore) -> TempBlob:
         """Stream the recording (`GET …/{id}/audio`) into a temp blob, synced; NotFound when there is none.
 
-        Each attempt writes a fresh temp file, so a half-written one never survives a retry.
+        Each attempt writes a fresh temp file, so a half-written one never survives a retry. A 200 that is not a
+        recording — another content type (a login page, a JSON error), bytes that do not start like audio, or more
+        than `max_audio_bytes` — is a BadAnswer, and nothing of it is kept.
         """
         path = f"/v1/convai/conversations/{_segment(conversation_id)}/audio"
 
         async def write(response: httpx.Response) -> TempBlob:
+            content_type = response.headers.get("content-type", "")
+            if not is_audio_type(content_type):
+                raise BadAnswer(f"the audio answer is {content_type[:80] or 'untyped'}, not audio (GET {path})")
             blob = await anyio.to_thread.run_sync(blobs.open_temp)
             try:
                 async for chunk in response.aiter_bytes(1 << 16):
+                    if blob.size == 0 and not looks_like_audio(chunk):
+                        raise BadAnswer(f"the audio answer does not start like audio (GET {path})")
+                    if blob.size + len(chunk) > self._max_audio_bytes:
+                        raise BadAnswer(f"the audio answer is over {self._max_audio_bytes} bytes (GET {path})")
                     await anyio.to_thread.run_sync(blob.write, chunk)
+                if blob.size == 0:
+                    raise BadAnswer(f"the audio answer is empty (GET {path})")
                 await anyio.to_thread.run_sync(blob.sync)
             except BaseException:
                 blob.discard()
@@ -488,3 +503,22 @@ def _with_credential(answer: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, str) or not value:
         raise BadAnswer(f"the answer has no {name!r}", 200)
     return answer
+
+
+# Content types a recording may come with: ElevenLabs sends audio/mpeg; a generic binary type is not refused.
+_AUDIO_TYPES = ("audio/", "application/octet-stream")
+# How the formats a recording can be in begin: an MP3 frame sync (11 set bits), an ID3 tag, WAV, Ogg, FLAC; an
+# MP4/M4A box names its type at offset 4.
+_AUDIO_MAGIC = (b"ID3", b"RIFF", b"OggS", b"fLaC")
+
+
+def is_audio_type(content_type: str) -> bool:
+    return content_type.strip().lower().startswith(_AUDIO_TYPES)
+
+
+def looks_like_audio(head: bytes) -> bool:
+    """Whether the first bytes of an answer start like a recording (a first chunk is never shorter than 8 bytes
+    unless the whole answer is)."""
+    if head.startswith(_AUDIO_MAGIC) or head[4:8] == b"ftyp":
+        return True
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import stamina
 from sqlalchemy.engine import Engine
+from starlette.responses import Response
 
 from service.config import Settings
 from service.elevenlabs import (
@@ -26,6 +27,7 @@ from service.elevenlabs import (
     NotFound,
     RetryPolicy,
     Unreachable,
+    looks_like_audio,
     retry_after_seconds,
 )
 from service.storage.audio import BlobStore
@@ -152,6 +154,67 @@ def test_audio_streams_into_a_temp_blob(platform: FakePlatform, base_url: str, t
     with pytest.raises(NotFound):
         anyio.run(download, without.conversation_id)
     assert list(blobs.temp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (Response(b"<html><body>Sign in</body></html>", media_type="text/html"), "not audio"),
+        (Response(b'{"detail": "no"}', media_type="application/json"), "not audio"),
+        (Response(b"PK\x03\x04 a zip, not a recording", media_type="audio/mpeg"), "does not start like audio"),
+        (Response(b"", media_type="audio/mpeg"), "empty"),
+    ],
+)
+def test_a_200_that_is_not_a_recording_is_a_bad_answer_and_leaves_nothing(
+    platform: FakePlatform, base_url: str, tmp_path: Path, answer: Response, why: str
+) -> None:
+    blobs = BlobStore(tmp_path)
+    with_audio = next(c for c in platform.all() if c.status == "done" and c.has_audio)
+    platform.answer_with(answer, 1, kinds={"audio"})
+
+    async def download() -> None:
+        async with client(base_url) as api:
+            await api.download_audio(with_audio.conversation_id, blobs)
+
+    with pytest.raises(BadAnswer, match=why):
+        anyio.run(download)
+    assert not blobs.temp_dir.exists() or list(blobs.temp_dir.iterdir()) == []
+
+
+def test_a_recording_over_the_size_cap_is_a_bad_answer_and_leaves_nothing(
+    platform: FakePlatform, base_url: str, tmp_path: Path
+) -> None:
+    blobs = BlobStore(tmp_path)
+    with_audio = next(c for c in platform.all() if c.status == "done" and c.has_audio)
+
+    async def download() -> None:
+        api = ElevenLabsClient.open(base_url, KEY, retries=FAST, max_audio_bytes=platform.audio_bytes - 1)
+        async with api:
+            await api.download_audio(with_audio.conversation_id, blobs)
+
+    with pytest.raises(BadAnswer, match="over"):
+        anyio.run(download)
+    assert list(blobs.temp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"\xff\xfb\x90\x64",
+        b"\xff\xf3\x00\x00",
+        b"ID3\x04\x00",
+        b"RIFF\x00\x00\x00\x00WAVE",
+        b"OggS\x00",
+        b"\x00\x00\x00\x20ftypM4A ",
+    ],
+)
+def test_recordings_of_each_format_look_like_audio(head: bytes) -> None:
+    assert looks_like_audio(head + bytes(16))
+
+
+@pytest.mark.parametrize("head", [b"<!DOCTYPE html>", b'{"detail"', b"PK\x03\x04", b"\xff", b""])
+def test_other_bytes_do_not_look_like_audio(head: bytes) -> None:
+    assert not looks_like_audio(head)
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:

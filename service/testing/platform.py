@@ -39,6 +39,7 @@ Python API, for tests and for the session broker's tests:
         platform.stall(2.0, None, kinds={"list"})   # list requests wait 2 s before answering, until clear_faults()
         platform.repeat_cursors = True              # a list page asked for with a cursor hands that cursor back
         platform.answer_with({}, 1, kinds={"list"}) # the next list answer is 200 with this JSON instead of a page
+                                                    # (or this Response, as it stands)
         platform.clear_faults()                     # every fault above (and throttles) off
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
@@ -429,6 +430,8 @@ class FakePlatform:
             fault = None if replacement else next((t for t in self._truncations if t.take(kind)), None)
         if replacement is not None:
             body = replacement.body
+            if isinstance(body, Response):
+                return body
             return Response(body, media_type="application/json") if isinstance(body, bytes) else _json(body)
         if fault is None:
             return response
