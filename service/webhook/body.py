@@ -28,6 +28,7 @@ SMALL_BODY_BYTES = 1 << 20
 # Large bodies are handed to a worker thread in batches of this size: big enough that thread hops are rare,
 # small enough that memory stays flat.
 BATCH_BYTES = 1 << 20
+NO_AUDIO = "post_call_audio has no data.full_audio"
 
 
 _LINE_BREAKS = str.maketrans("", "", "\n\r\t")
@@ -181,11 +182,21 @@ def parse_json(body: bytes) -> Any:
     return without_nul(payload) if may_hold_nul(body) else payload
 
 
+def audio_of(body: ReceivedBody, data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
+    """The decoded audio of an audio event, whichever path read it. An event without audio is a PayloadError on
+    both paths alike: empty base64 (or only line breaks) decodes to nothing, and a 0-byte file is no recording."""
+    if body.audio is None:  # a small body carried its audio inline
+        body.audio = audio_from_payload(data, blobs)
+    if body.audio.size == 0:
+        raise PayloadError(NO_AUDIO)
+    return body.audio
+
+
 def audio_from_payload(data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
     """A small audio event carries its base64 inline: decode it into a temp file like the streamed path."""
     text = data.get("full_audio")
-    if not isinstance(text, str) or not text:
-        raise PayloadError("post_call_audio has no data.full_audio")
+    if not isinstance(text, str):
+        raise PayloadError(NO_AUDIO)
     try:
         # Line breaks carry no data (the streamed path drops them too): only the base64 alphabet is validated.
         audio = pybase64.b64decode(text.translate(_LINE_BREAKS), validate=True)

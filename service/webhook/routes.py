@@ -13,10 +13,9 @@ from starlette.routing import Route
 
 from service.record import payloads, store
 from service.record.merge import Observation, Source
-from service.storage.audio import TempBlob
 from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
-from service.webhook.body import BodyTooLarge, ReceivedBody, audio_from_payload, read_body, sync_audio
+from service.webhook.body import BodyTooLarge, ReceivedBody, audio_of, read_body, sync_audio
 from service.webhook.signature import check_timestamp, parse_header
 
 log = logging.getLogger("postcall.webhooks")
@@ -55,9 +54,7 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[sto
         body=None if envelope.type == payloads.AUDIO else body.raw,
     )
     if envelope.type == payloads.AUDIO:
-        if body.audio is None:  # a small body carried its audio inline
-            body.audio = await anyio.to_thread.run_sync(audio_from_payload, envelope.data, state.blobs)
-        blob: TempBlob = body.audio
+        blob = await anyio.to_thread.run_sync(audio_of, body, envelope.data, state.blobs)
         await anyio.to_thread.run_sync(sync_audio, blob)  # the slow fsync happens outside the transaction
         agent_id: Any = envelope.data.get("agent_id")
         agent = agent_id if isinstance(agent_id, str) else None
