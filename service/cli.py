@@ -8,7 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from service.config import ConfigError, Settings, load_settings, require
+from service.config import ConfigError, Settings, env_name, load_settings, require
 
 app = typer.Typer(
     name="postcall",
@@ -66,6 +66,25 @@ def migrate() -> None:
     typer.echo("database is up to date", err=True)
 
 
+def _share_pending_budget(settings: Settings, workers: int) -> None:
+    """Each worker process keeps its own budget for unverified bodies: give each its share of the setting, so that
+    together they stay within it, and say so when a share cannot take the largest body allowed."""
+    import os
+
+    share = settings.max_pending_bytes // workers
+    if workers > 1:
+        os.environ[env_name("max_pending_bytes")] = str(share)  # read by each worker's settings
+    if share < settings.max_body_bytes:
+        logging.getLogger("postcall.server").warning(
+            "each of %d workers may hold %d bytes of unverified bodies, less than the largest body allowed (%d): "
+            "a body larger than that is always answered 503; raise %s",
+            workers,
+            share,
+            settings.max_body_bytes,
+            env_name("max_pending_bytes"),
+        )
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -82,6 +101,7 @@ def serve(
     settings = settings_or_exit(("webhook_secrets", "serve"))
     if not no_migrate:
         _migrate(settings)
+    _share_pending_budget(settings, workers)
     uvicorn.run(
         "service.web.asgi:build",
         factory=True,

@@ -28,11 +28,18 @@ async def receive(request: Request) -> JSONResponse:
     now = state.clock()
     header = parse_header(request.headers.get(SIGNATURE_HEADER))
     check_timestamp(header, now, state.settings.webhook_tolerance_seconds)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
+    declared = _declared_length(request)
+    if declared is not None and declared > state.settings.max_body_bytes:
         raise BodyTooLarge()
     body = await read_body(
-        request.stream(), header, state.webhook_secrets, state.settings.max_body_bytes, state.blobs, state.pace
+        request.stream(),
+        header,
+        state.webhook_secrets,
+        state.blobs,
+        max_bytes=state.settings.max_body_bytes,
+        pending=state.pending,
+        declared=declared,
+        pace=state.pace,
     )
     try:
         outcome, conversation_id = await _store(state, body, datetime.fromtimestamp(now, UTC))
@@ -63,6 +70,12 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[sto
         observation = _observation(envelope, at)
         outcome = await state.writer.record(delivery, observation)
     return outcome, envelope.conversation_id
+
+
+def _declared_length(request: Request) -> int | None:
+    """The Content-Length, when the sender declared one (the HTTP parser holds the body to it)."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
 
 
 def _observation(envelope: payloads.Envelope, at: datetime) -> Observation | None:
