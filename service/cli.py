@@ -91,17 +91,22 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not migrate the database first.")] = False,
+    limit_concurrency: Annotated[
+        int, typer.Option(min=1, help="Connections a worker keeps at once, idle ones included; past it, 503.")
+    ] = 2048,  # ElevenLabs sends tens at once; 1,100 connections stuck in their heads still leave room
 ) -> None:
     """Migrate the database (unless --no-migrate) and serve the webhook receiver and the API."""
     import uvicorn
 
     from service.logs import dict_config
+    from service.web import server
 
     setup_logging()
     settings = settings_or_exit(("webhook_secrets", "serve"))
     if not no_migrate:
         _migrate(settings)
     _share_pending_budget(settings, workers)
+    logging.getLogger("postcall.server").info("open files limit: %d", server.raise_open_files_limit())
     uvicorn.run(
         "service.web.asgi:build",
         factory=True,
@@ -110,9 +115,10 @@ def serve(
         workers=workers,
         log_level="info",
         log_config=dict_config(),  # structured logs in every worker process, uvicorn's lines included
-        timeout_keep_alive=5,
-        # A slow or stalled sender must not hold a worker: httptools' parser times out idle connections.
-        h11_max_incomplete_event_size=64 * 1024,
+        http=server.HeadLimitedProtocol,  # a head must come whole, soon and small (see service/web/server.py)
+        ws="none",  # no route speaks WebSocket: an upgrade is refused rather than handed to a library
+        limit_concurrency=limit_concurrency,
+        timeout_keep_alive=server.KEEP_ALIVE_SECONDS,
     )
 
 
