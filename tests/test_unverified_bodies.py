@@ -116,6 +116,11 @@ def head(body: bytes, *, chunked: bool = False) -> bytes:
     ).encode()
 
 
+def address(base_url: str) -> tuple[str, int]:
+    host, port = base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
 def status_of(sock: socket.socket) -> int:
     answer = b""
     while b"\r\n" not in answer and (chunk := sock.recv(65536)):
@@ -147,15 +152,14 @@ def test_past_the_pending_budget_a_body_is_503_at_once_and_the_budget_comes_back
 ) -> None:
     base_url, app, settings = tight
     budget = pending_of(app)
-    held, held_audio = audio_body("conv_held", 1_800_000)  # 2.4 MB of body: the budget has 0.7 MB left
+    held, held_audio = audio_body("conv_held", 1_800_000)  # 2.4 MB of body
     late, late_audio = audio_body("conv_late", 900_000)  # 1.2 MB
-    host, port = base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as first:
+    with socket.create_connection(address(base_url), timeout=10) as first:
         first.sendall(head(held) + held[: 2 * MIB])  # all but the end: its signature cannot be checked yet
-        wait_until_held(budget, len(held))
+        wait_until_held(budget, 2 * MIB)  # what arrived, 1 MiB short of the budget
 
         # Declared: refused before a byte of the body is sent.
-        with socket.create_connection((host, int(port)), timeout=10) as second:
+        with socket.create_connection(address(base_url), timeout=10) as second:
             second.sendall(head(late))
             assert status_of(second) == 503
         # Chunked: refused once what has arrived would pass the budget.
@@ -175,6 +179,28 @@ def test_past_the_pending_budget_a_body_is_503_at_once_and_the_budget_comes_back
     assert stored_audio(engine, settings, "conv_late") == late_audio
     assert (budget.disk, budget.memory) == (0, 0)
     assert files_in(settings.data_dir / "tmp") == []
+
+
+def test_a_body_holds_what_has_arrived_of_it_not_what_it_declares(
+    tight: tuple[str, Starlette, Settings], engine: Engine
+) -> None:
+    base_url, app, settings = tight
+    budget = pending_of(app)
+    # Of the 3 MiB (3.1 MB) budget, a body that declared 2.4 MB holds the 1.1 MB it sent; 1.9 MB more fits.
+    slow, slow_audio = audio_body("conv_slow", 1_800_000)
+    other, other_audio = audio_body("conv_other", 1_400_000)
+    with socket.create_connection(address(base_url), timeout=10) as first:
+        first.sendall(head(slow) + slow[:1_100_000])
+        wait_until_held(budget, 1_100_000)
+
+        answer = httpx.post(base_url + URL, content=other, headers=wh.signed_headers(other), timeout=30)
+        assert answer.json() == {"status": "accepted", "conversation_id": "conv_other"}
+
+        first.sendall(slow[1_100_000:])
+        assert status_of(first) == 200
+    assert stored_audio(engine, settings, "conv_slow") == slow_audio
+    assert stored_audio(engine, settings, "conv_other") == other_audio
+    assert (budget.disk, budget.memory) == (0, 0)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -224,9 +250,8 @@ def test_a_body_past_a_spent_disk_budget_raises_pending_full_and_leaves_nothing(
 
 # --- the budget's bookkeeping ---------------------------------------------------------------------------------------
 
-STEPS = st.lists(
-    st.tuples(st.integers(0, 3), st.sampled_from(["disk", "memory", "release"]), st.integers(0, 2000)), max_size=60
-)
+KINDS = st.sampled_from(["disk", "memory", "admit", "release"])
+STEPS = st.lists(st.tuples(st.integers(0, 3), KINDS, st.integers(0, 2000)), max_size=60)
 
 
 @given(steps=STEPS)
@@ -248,6 +273,14 @@ def test_holds_never_pass_the_budget_and_give_everything_back(steps: list[tuple[
                 assert hold.memory == size
             else:
                 assert before[3] + size - before[1] > 1000 and hold.memory == before[1]
+        elif kind == "admit":
+            try:
+                hold.admit(size)
+            except PendingFull:
+                assert size - before[0] > 3000 - before[2]
+            else:
+                assert size - before[0] <= 3000 - before[2]
+            assert (hold.disk, hold.memory, budget.disk, budget.memory) == before  # nothing reserved
         else:
             hold.release()
             assert (hold.disk, hold.memory) == (0, 0)

@@ -126,14 +126,14 @@ class _Arrival:
         if self.spill is None:
             if self.size <= SMALL_BODY_BYTES and self.hold.try_memory(self.size):
                 return
-            await self.to_disk(self.size)
+            await self.to_disk()
         self.hold.cover_disk(self.size)
         if self.in_memory >= BATCH_BYTES or not self.hold.try_memory(self.in_memory):
             await self.flush()
 
-    async def to_disk(self, size: int) -> None:
-        """Reserve `size` bytes of the pending disk (PendingFull if it is spent), then open the spill file."""
-        self.hold.cover_disk(size)
+    async def to_disk(self) -> None:
+        """Hold what has arrived on the pending disk (PendingFull if it is spent), then open the spill file."""
+        self.hold.cover_disk(self.size)
         self.spill = await anyio.to_thread.run_sync(_Spill, self.verifier, self.digest, self.blobs)
 
     async def flush(self) -> None:
@@ -161,7 +161,7 @@ async def read_body(
     pace: Pace = DEFAULT_PACE,
 ) -> ReceivedBody:
     """Read and verify the body, then parse it. `declared` is the Content-Length, if the sender gave one: a large
-    body that the pending disk cannot take is then refused before any of it is read.
+    body that does not fit in the pending disk free now is then refused before any of it is read.
 
     Raises SignatureError, BodyTooLarge, BodyTooSlow, PendingFull, PayloadError or StoreUnavailable; on any error
     nothing is left behind in the data dir."""
@@ -169,7 +169,7 @@ async def read_body(
     arrival = _Arrival(BodyVerifier(header, secrets), hashlib.sha256(), blobs, hold)
     try:
         if declared is not None and declared > SMALL_BODY_BYTES:
-            await arrival.to_disk(declared)
+            hold.admit(declared)
         await _arrive(arrival, chunks, max_bytes, pace)
         if arrival.spill is None:
             body = b"".join(arrival.pieces)

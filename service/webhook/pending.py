@@ -6,7 +6,11 @@ the process's `PendingBudget` for what it keeps: bytes in memory (a small body, 
 bytes in the data dir (a large body waiting for its check). The two budgets answer differently:
 - memory past its budget is not refused, the body goes to disk instead, so memory stays flat whatever arrives;
 - disk past its budget (POSTCALL_MAX_PENDING_BYTES) is refused: the request is answered 503 at once, before more
-  of it is read, and ElevenLabs' retry (or the reconciler) brings a genuine delivery back later.
+  of it is read, and ElevenLabs' retry (or the reconciler) brings a genuine delivery back later. A body that
+  declares its length is refused before any of it is read when that length does not fit in what is free.
+A body holds what has arrived of it, not what it declares: reserving the declared length up front would let two
+senders declaring 256 MiB and trickling 64 KiB/s (the slowest pace allowed) hold the whole budget for an hour,
+refusing every genuine audio body meanwhile; this way, holding the budget costs a sender as many bytes as it holds.
 A hold is let go the moment the signature is checked or the body is refused. Pure bookkeeping: no I/O.
 """
 
@@ -36,6 +40,10 @@ class PendingBudget:
     def hold(self) -> Hold:
         return Hold(self)
 
+    def disk_free(self) -> int:
+        with self._lock:
+            return self.disk_limit - self.disk
+
     def _change(self, disk: int = 0, memory: int = 0) -> bool:
         """Apply both changes, or neither when a growth would pass its limit (a shrink always applies)."""
         with self._lock:
@@ -55,6 +63,12 @@ class Hold:
         self._budget = budget
         self.disk = 0
         self.memory = 0
+
+    def admit(self, size: int) -> None:
+        """Raise PendingFull if a body of `size` bytes would not fit in the disk free now (what this hold has is
+        free to it). Nothing is reserved: the body then holds what arrives of it, `cover_disk` as it grows."""
+        if size - self.disk > self._budget.disk_free():
+            raise PendingFull()
 
     def cover_disk(self, size: int) -> None:
         """Hold at least `size` bytes of disk; raise PendingFull if that would pass the budget."""
