@@ -27,11 +27,11 @@ from service.web.state import AppState
 from service.webhook.body import read_body
 from service.webhook.pending import PendingBudget, PendingFull
 from service.webhook.signature import parse_header, sign
-from tests.bench.forged import disk_bytes, forged_body
+from tests.bench.forged import forged_body
 from tests.support import webhooks as wh
 from tests.support.databases import migrated_sqlite
 from tests.support.live import live_server
-from tests.support.process import peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process
+from tests.support.process import disk_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process
 
 URL = "/webhooks/elevenlabs"
 MIB = 1 << 20

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import stat
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ import psutil
 
 from service.webhook.signature import sign
 from tests.support.databases import migrated_sqlite
-from tests.support.process import peak_rss_bytes, reset_peak_rss, serve_process
+from tests.support.process import disk_bytes, peak_rss_bytes, reset_peak_rss, serve_process
 from tests.support.webhooks import SECRET
 
 PIECE = 64 * 1024
@@ -55,30 +54,6 @@ def forged_body(shape: str, mebibytes: int) -> Iterator[bytes]:
 
 def body_size(shape: str, mebibytes: int) -> int:
     return len(HEADS[shape]) + mebibytes * MIB // PIECE * PIECE + len(TAILS[shape])
-
-
-def disk_bytes(root: Path, pid: int | None = None) -> int:
-    """Bytes of the files under `root`, and of those process `pid` holds open there even without a name (a
-    deleted or anonymous temp file takes disk too, though no directory walk sees it)."""
-    sizes: dict[tuple[int, int], int] = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            try:
-                info = os.stat(os.path.join(folder, name))
-            except FileNotFoundError:
-                continue  # removed while we walked
-            sizes[(info.st_dev, info.st_ino)] = info.st_size
-    if pid is not None:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if not os.readlink(fd).startswith(str(root.resolve())):
-                    continue
-                info = os.stat(fd)
-            except FileNotFoundError:
-                continue  # closed while we looked
-            if stat.S_ISREG(info.st_mode):
-                sizes[(info.st_dev, info.st_ino)] = info.st_size
-    return sum(sizes.values())
 
 
 @dataclass
