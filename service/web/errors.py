@@ -17,6 +17,7 @@ from service.broker.sessions import BrokerNotConfigured, InvalidSessionRequest
 from service.record.payloads import PayloadError
 from service.storage.db import StoreRefused, StoreUnavailable
 from service.webhook.body import BodyTooLarge, BodyTooSlow
+from service.webhook.pending import PendingFull
 from service.webhook.signature import SignatureError
 
 log = logging.getLogger("postcall.web")
@@ -46,6 +47,11 @@ async def body_too_slow(request: Request, exc: Exception) -> Response:
     log.info("webhook refused: body arrived too slowly")
     # The sender is still connected and may keep trickling: close the connection rather than read on.
     return JSONResponse({"error": "body arrived too slowly"}, status_code=408, headers={"Connection": "close"})
+
+
+async def pending_full(request: Request, exc: Exception) -> Response:
+    log.warning("webhook refused: bodies not yet verified hold POSTCALL_MAX_PENDING_BYTES of disk already")
+    return error(503, "too many webhook bodies in progress, try again later")
 
 
 async def client_disconnected(request: Request, exc: Exception) -> Response:
@@ -156,6 +162,7 @@ EXCEPTION_HANDLERS = {
     PayloadError: payload_error,
     BodyTooLarge: body_too_large,
     BodyTooSlow: body_too_slow,
+    PendingFull: pending_full,
     ClientDisconnect: client_disconnected,
     StoreUnavailable: store_unavailable,
     StoreRefused: store_refused,

@@ -16,6 +16,7 @@ from service.elevenlabs import ElevenLabsClient
 from service.storage.audio import BlobStore
 from service.storage.db import transaction
 from service.webhook.body import DEFAULT_PACE, Pace
+from service.webhook.pending import PendingBudget
 from service.webhook.writer import BatchWriter
 
 T = TypeVar("T")
@@ -31,9 +32,11 @@ class AppState:
     writer: BatchWriter = field(kw_only=True)  # group commit for webhook deliveries, stopped by the lifespan
     pace: Pace = field(default=DEFAULT_PACE, kw_only=True)  # how slowly a webhook body may arrive
     webhook_secrets: list[bytes] = field(init=False)  # encoded once: every webhook needs them
+    pending: PendingBudget = field(init=False)  # what webhook bodies not yet verified hold, together
 
     def __post_init__(self) -> None:
         self.webhook_secrets = [secret.get_secret_value().encode() for secret in self.settings.webhook_secrets]
+        self.pending = PendingBudget(self.settings.max_pending_bytes)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in one database transaction on a worker thread (the drivers are synchronous)."""

@@ -13,10 +13,9 @@ from starlette.routing import Route
 
 from service.record import payloads, store
 from service.record.merge import Observation, Source
-from service.storage.audio import TempBlob
 from service.web.metrics import metrics_of, webhook_type_label
 from service.web.state import AppState, app_state
-from service.webhook.body import BodyTooLarge, ReceivedBody, audio_from_payload, read_body, sync_audio
+from service.webhook.body import BodyTooLarge, ReceivedBody, audio_of, read_body, sync_audio
 from service.webhook.signature import check_timestamp, parse_header
 
 log = logging.getLogger("postcall.webhooks")
@@ -29,11 +28,18 @@ async def receive(request: Request) -> JSONResponse:
     now = state.clock()
     header = parse_header(request.headers.get(SIGNATURE_HEADER))
     check_timestamp(header, now, state.settings.webhook_tolerance_seconds)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
+    declared = _declared_length(request)
+    if declared is not None and declared > state.settings.max_body_bytes:
         raise BodyTooLarge()
     body = await read_body(
-        request.stream(), header, state.webhook_secrets, state.settings.max_body_bytes, state.blobs, state.pace
+        request.stream(),
+        header,
+        state.webhook_secrets,
+        state.blobs,
+        max_bytes=state.settings.max_body_bytes,
+        pending=state.pending,
+        declared=declared,
+        pace=state.pace,
     )
     try:
         outcome, conversation_id = await _store(state, body, datetime.fromtimestamp(now, UTC))
@@ -55,9 +61,7 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[sto
         body=None if envelope.type == payloads.AUDIO else body.raw,
     )
     if envelope.type == payloads.AUDIO:
-        if body.audio is None:  # a small body carried its audio inline
-            body.audio = await anyio.to_thread.run_sync(audio_from_payload, envelope.data, state.blobs)
-        blob: TempBlob = body.audio
+        blob = await anyio.to_thread.run_sync(audio_of, body, envelope.data, state.blobs)
         await anyio.to_thread.run_sync(sync_audio, blob)  # the slow fsync happens outside the transaction
         agent_id: Any = envelope.data.get("agent_id")
         agent = agent_id if isinstance(agent_id, str) else None
@@ -66,6 +70,12 @@ async def _store(state: AppState, body: ReceivedBody, at: datetime) -> tuple[sto
         observation = _observation(envelope, at)
         outcome = await state.writer.record(delivery, observation)
     return outcome, envelope.conversation_id
+
+
+def _declared_length(request: Request) -> int | None:
+    """The Content-Length, when the sender declared one (the HTTP parser holds the body to it)."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
 
 
 def _observation(envelope: payloads.Envelope, at: datetime) -> Observation | None:

@@ -9,6 +9,7 @@ The webhook is fuzzed with hypothesis through the real app (Starlette's TestClie
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import time
@@ -870,7 +871,10 @@ def test_a_real_serve_answers_webhooks_while_200_senders_trickle_their_request_h
         try:
             for _ in range(3):
                 for sock in tricklers:
-                    sock.sendall(b"X-Slow: 1\r\n")
+                    # serve closes a head still incomplete after 10 s (tests/test_serve_limits.py): on a slow
+                    # machine some tricklers may already be gone, which is that limit working.
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"X-Slow: 1\r\n")
                 started = time.monotonic()
                 answer = httpx.post(f"{base_url}{URL}", content=body, headers=wh.signed_headers(body), timeout=30)
                 elapsed = time.monotonic() - started
