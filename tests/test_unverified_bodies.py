@@ -130,7 +130,7 @@ def status_of(sock: socket.socket) -> int:
 
 def pending_of(app: Starlette) -> PendingBudget:
     state: AppState = app.state.postcall
-    return state.pending
+    return state.webhooks.pending
 
 
 def wait_until_held(budget: PendingBudget, size: int) -> None:

@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -156,6 +157,11 @@ def database_dir(engine: Engine) -> Path | None:
     if not is_sqlite(engine.url) or engine.url.database in (None, "", ":memory:"):
         return None
     return Path(engine.url.database).expanduser().resolve().parent
+
+
+async def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """`transaction` on a worker thread, for async callers: the drivers are synchronous."""
+    return await anyio.to_thread.run_sync(transaction, engine, work)
 
 
 def ping(engine: Engine) -> None:
