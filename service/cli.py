@@ -8,7 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from service.config import ConfigError, Settings, load_settings, require
+from service.config import ConfigError, Settings, env_name, load_settings, require
 
 app = typer.Typer(
     name="postcall",
@@ -66,22 +66,47 @@ def migrate() -> None:
     typer.echo("database is up to date", err=True)
 
 
+def _share_pending_budget(settings: Settings, workers: int) -> None:
+    """Each worker process keeps its own budget for unverified bodies: give each its share of the setting, so that
+    together they stay within it, and say so when a share cannot take the largest body allowed."""
+    import os
+
+    share = settings.max_pending_bytes // workers
+    if workers > 1:
+        os.environ[env_name("max_pending_bytes")] = str(share)  # read by each worker's settings
+    if share < settings.max_body_bytes:
+        logging.getLogger("postcall.server").warning(
+            "each of %d workers may hold %d bytes of unverified bodies, less than the largest body allowed (%d): "
+            "a body larger than that is always answered 503; raise %s",
+            workers,
+            share,
+            settings.max_body_bytes,
+            env_name("max_pending_bytes"),
+        )
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not migrate the database first.")] = False,
+    limit_concurrency: Annotated[
+        int, typer.Option(min=1, help="Connections a worker keeps at once, idle ones included; past it, 503.")
+    ] = 2048,  # ElevenLabs sends tens at once; 1,100 connections stuck in their heads still leave room
 ) -> None:
     """Migrate the database (unless --no-migrate) and serve the webhook receiver and the API."""
     import uvicorn
 
     from service.logs import dict_config
+    from service.web import server
 
     setup_logging()
     settings = settings_or_exit(("webhook_secrets", "serve"))
     if not no_migrate:
         _migrate(settings)
+    _share_pending_budget(settings, workers)
+    logging.getLogger("postcall.server").info("open files limit: %d", server.raise_open_files_limit())
     uvicorn.run(
         "service.web.asgi:build",
         factory=True,
@@ -90,9 +115,10 @@ def serve(
         workers=workers,
         log_level="info",
         log_config=dict_config(),  # structured logs in every worker process, uvicorn's lines included
-        timeout_keep_alive=5,
-        # A slow or stalled sender must not hold a worker: httptools' parser times out idle connections.
-        h11_max_incomplete_event_size=64 * 1024,
+        http=server.HeadLimitedProtocol,  # a head must come whole, soon and small (see service/web/server.py)
+        ws="none",  # no route speaks WebSocket: an upgrade is refused rather than handed to a library
+        limit_concurrency=limit_concurrency,
+        timeout_keep_alive=server.KEEP_ALIVE_SECONDS,
     )
 
 
@@ -154,7 +180,10 @@ def purge(
         fail("--older-than must be longer than 0 (it would purge everything)")
     settings = settings_or_exit()
     setup_logging()
-    cutoff = retention.Cutoff(int(time.time()) - age)
+    try:
+        cutoff = retention.Cutoff(int(time.time()) - age)
+    except retention.CutoffError as exc:
+        fail(f"--older-than {older_than}: {exc}")
     engine = create_engine(settings.database_url)
     try:
         if dry_run:

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     webhook_tolerance_seconds: int = Field(default=1800, ge=0)
     max_body_bytes: int = Field(default=268_435_456, gt=0)
+    # Disk that webhook bodies whose signature is not yet checked may hold together (see webhook/pending.py).
+    max_pending_bytes: int = Field(default=536_870_912, gt=0)
     data_dir: Path = Path("./postcall-data")
     elevenlabs_api_key: SecretStr | None = None
     elevenlabs_base_url: str = "https://api.elevenlabs.io"

@@ -3,7 +3,9 @@
 A line that concerns one conversation carries its `conversation_id` (pass it as `extra={"conversation_id": …}`).
 Only the context fields named in `CONTEXT_FIELDS` are ever written, so an `extra` holding a payload, a transcript
 or a header cannot leak into the logs by accident; and anything shaped like a credential (a bearer token, an
-`xi-api-key`, a webhook signature) is masked in every message.
+`xi-api-key`, a webhook signature) is masked in every message. So is every value handed to `never_show` (the
+ElevenLabs API key, by the client that sends it) wherever it appears: an upstream that echoes the key in its status
+line would otherwise put it into httpx's own `HTTP Request:` line.
 """
 
 from __future__ import annotations
@@ -34,12 +36,32 @@ _CREDENTIALS = re.compile(
 )
 
 
+# Shorter values are not hidden: masking every "abc" in every line would hide more than it protects, and no
+# credential postcall holds is that short.
+MIN_HIDDEN_CHARS = 8
+# A tuple replaced whole, never changed in place: threads format lines while another may add a value.
+_hidden: tuple[str, ...] = ()
+
+
+def never_show(secret: str) -> None:
+    """Mask `secret` in every log line this process writes from now on, whichever logger writes it.
+
+    Process-wide on purpose, like logging itself: it reaches loggers postcall does not own (httpx, uvicorn) and
+    worker processes that configure logging from a dict and never see the settings."""
+    global _hidden
+    if len(secret) >= MIN_HIDDEN_CHARS and secret not in _hidden:
+        _hidden = (*_hidden, secret)
+
+
 def redact(text: str) -> str:
+    for secret in _hidden:
+        text = text.replace(secret, MASK)
     return _CREDENTIALS.sub(lambda match: match.group(1) + MASK, text)
 
 
 def _context(record: logging.LogRecord) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in CONTEXT_FIELDS if getattr(record, name, None) is not None}
+    fields = {name: getattr(record, name) for name in CONTEXT_FIELDS if getattr(record, name, None) is not None}
+    return {name: redact(value) if isinstance(value, str) else value for name, value in fields.items()}
 
 
 class JsonFormatter(logging.Formatter):

@@ -2,6 +2,7 @@
 
 Storage tests take the `database_url` fixture, which runs each of them on SQLite and on PostgreSQL. PostgreSQL
 is required: a run that cannot reach it errors instead of skipping (POSTCALL_TEST_PG_URL points elsewhere).
+Every test that needs it carries the `postgres` marker, so `pytest -m "not postgres"` runs the rest without it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import stamina
 from sqlalchemy.engine import Engine
 
-from service import elevenlabs
 from service.config import Settings
 from service.storage.db import create_engine
 from tests.support.databases import empty_tables, migrated_sqlite, postgres_database
 from tests.support.webhooks import SECRET
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
+        if on_postgres or "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +67,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def tiny_retry_waits() -> Iterator[None]:
-    """The ElevenLabs client's retry waits shrink to milliseconds (its testing mode) for the test."""
-    elevenlabs.set_testing(True)
-    yield
-    elevenlabs.set_testing(False)
+    """stamina's testing mode for the test: the ElevenLabs client makes every attempt its policy allows (capped at
+    10), without backoff between them. A Retry-After is still waited out: the client's gate honours it."""
+    with stamina.set_testing(True, attempts=10, cap=True):
+        yield

@@ -11,7 +11,7 @@ import httpx
 
 from service.record.store import get_record
 from service.storage.db import create_engine
-from tests.support.audio_body import AudioBody
+from tests.support.audio_body import BLOCK, AudioBody
 from tests.support.databases import migrated_sqlite
 from tests.support.process import peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process
 from tests.support.webhooks import SECRET
@@ -48,3 +48,20 @@ def test_80_mb_audio_grows_the_server_by_at_most_64_mib(tmp_path: Path) -> None:
     engine.dispose()
     assert stored is not None and stored["audio_bytes"] == AUDIO.audio_bytes
     assert (tmp_path / stored["audio_path"]).stat().st_size == AUDIO.audio_bytes
+    assert file_sha256(tmp_path / stored["audio_path"]) == audio_sha256(AUDIO)  # byte for byte
+    assert [path for path in (tmp_path / "tmp").iterdir() if path.is_file()] == []
+
+
+def audio_sha256(body: AudioBody) -> str:
+    digest = hashlib.sha256()
+    for _ in range(body.blocks):
+        digest.update(BLOCK)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

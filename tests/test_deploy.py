@@ -47,6 +47,7 @@ CHECKED_FILES = {
     "k8s/cronjob.yaml",
     "k8s/pvc.yaml",
     "k8s/secret.template.yaml",
+    "nginx/postcall.conf",  # checked in tests/test_deploy_nginx.py
 }
 
 

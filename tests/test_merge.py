@@ -5,12 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.record.fields import FIELDS
 from service.record.merge import Audio, Observation, Source, merge
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# What merge keeps on a record besides its fields: audio bookkeeping and the merge state.
+BOOKKEEPING = {"audio_path", "audio_bytes", "first_seen_at", "data_rank"}
 
 
 def at(seconds: int) -> datetime:
@@ -174,3 +178,20 @@ def test_a_webhook_and_a_detail_that_differ_converge_to_the_webhook(shuffled: li
     detail = Observation("c1", Source.DETAIL, at(120), "done", other)
     record = fold([detail if obs.source == Source.DETAIL else obs for obs in shuffled])
     assert record["analysis"] == FINAL["analysis"]
+
+
+@pytest.mark.parametrize("source", list(Source))
+def test_a_new_record_holds_every_field_with_a_value_wherever_one_is_required(source: Source) -> None:
+    record = merge(None, Observation("c", source, at(0), None, {}))
+    assert set(record) == {entry.name for entry in FIELDS} | BOOKKEEPING
+    for entry in FIELDS:
+        assert entry.nullable or record[entry.name] is not None, entry.name
+        assert not entry.choices or record[entry.name] in entry.choices, entry.name
+    assert record["has_audio"] is False and record["complete"] is False
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in FIELDS if not entry.content])
+def test_a_source_cannot_set_what_is_not_content(name: str) -> None:
+    """Status, labels, audio and provenance have their own rules above; a source's fields never overwrite them."""
+    with pytest.raises(ValueError, match=name):
+        merge(None, Observation("c", Source.DETAIL, at(0), "done", {name: "x"}))

@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from service.api.auth import requires_bearer
 from service.api.openapi import UNDOCUMENTED, openapi_path
 from service.config import Settings
+from service.record.fields import FIELDS
 from service.web.app import create_app
 from tests.support import records
 
@@ -95,6 +96,18 @@ def test_documented_answers_match_the_routes(app: Starlette, document: dict[str,
             assert answer.status_code == status, path
             template = path.split("?")[0].replace("conv_1", "{conversation_id}").replace("nope", "{conversation_id}")
             assert str(status) in document["paths"][template][method]["responses"], (path, status)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_record_schemas_name_what_the_api_serves_in_its_order(app: Starlette, document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    with TestClient(app) as client:
+        listed = client.get("/v1/conversations", headers=AUTH).json()["conversations"]
+        detail = client.get("/v1/conversations/conv_1", headers=AUTH).json()
+    for served, schema in [(listed[0], schemas["Conversation"]), (detail, schemas["ConversationDetail"])]:
+        assert list(schema["properties"]) == list(served) == schema["required"]
+        assert all(prop["description"] for prop in schema["properties"].values())
+    assert {field.name for field in FIELDS} == set(schemas["ConversationDetail"]["properties"])
 
 
 def test_schemathesis_finds_no_500_and_no_answer_off_the_schema(app: Starlette) -> None:

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.engine import Connection, Engine
 from typer.testing import CliRunner, Result
 
 from service.cli import app
 from service.config import Settings
-from service.record import store
-from service.record.merge import Observation, Source
+from service.record import payloads, store
+from service.record.merge import Audio, Observation, Source
 from service.record.purge import Cutoff, PurgeReport, count, purge
 from service.storage.audio import BlobStore
 from service.storage.db import transaction
+from service.web.app import create_app
 from tests.support import records
+from tests.support import webhooks as wh
+from tests.support.live import live_server
 
 DAY = 86400
 NOW = int(time.time())
@@ -32,6 +38,8 @@ OLD_WITH_AUDIO = ("conv_old_a", "conv_old_c")
 NEW_WITH_AUDIO = ("conv_new_a", "conv_new_b")
 # No start time (a broker session whose call never reported back): aged by when postcall first saw it.
 UNSTARTED_OLD, UNSTARTED_NEW = "conv_session_old", "conv_session_new"
+AT = datetime.fromtimestamp(NOW, UTC)
+AUDIO = Source.AUDIO_WEBHOOK
 
 
 def at_days_ago(days: int) -> datetime:
@@ -181,7 +189,7 @@ def test_the_command_purges_and_says_what_it_removed(engine: Engine, settings: S
     assert conversation_ids(engine) == {*NEW, UNSTARTED_NEW}
 
 
-@pytest.mark.parametrize("value", ["90", "90 days", "ninety", "-5d", "0d"])
+@pytest.mark.parametrize("value", ["90", "90 days", "ninety", "-5d", "0d", "999999d"])
 def test_a_malformed_or_empty_age_is_a_usage_error(value: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["purge", "--older-than", value], env={"POSTCALL_DATABASE_URL": f"sqlite:///{tmp_path}/never.db"}
@@ -190,3 +198,116 @@ def test_a_malformed_or_empty_age_is_a_usage_error(value: str, tmp_path: Path) -
     assert result.exit_code == 2
     assert "--older-than" in result.stderr
     assert not (tmp_path / "never.db").exists()
+
+
+def test_an_age_reaching_back_past_the_year_1_is_a_usage_error_that_changes_nothing(
+    engine: Engine, settings: Settings
+) -> None:
+    seed(engine, settings.data_dir)
+    before = conversation_ids(engine), audio_files(settings.data_dir)
+
+    for args in (["--older-than", "999999d"], ["--older-than", "999999d", "--dry-run"]):
+        result = cli(settings, *args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == "postcall: --older-than 999999d: reaches back past the year 1; give a shorter age\n"
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert (conversation_ids(engine), audio_files(settings.data_dir)) == before
+
+
+# --- audio stored again while the purge runs (issue 18, item 2) ---------------------------------------------------
+
+AUTH = {"Authorization": "Bearer test-token"}
+NEW_MP3 = b"ID3 audio stored after the purge committed"
+
+
+def test_audio_stored_between_the_purges_commit_and_its_unlink_is_kept(engine: Engine, settings: Settings) -> None:
+    seed(engine, settings.data_dir)
+    raced: list[str] = []
+
+    with live_server(create_app(settings, engine=engine)) as base_url, httpx.Client(base_url=base_url) as client:
+
+        def audio_webhook_meanwhile(ids: Sequence[str]) -> None:
+            if "conv_old_a" in ids:  # its record is committed away; its file is still there
+                body = wh.encode(wh.audio("conv_old_a", NEW_MP3))
+                answer = client.post("/webhooks/elevenlabs", content=body, headers=wh.signed_headers(body))
+                assert answer.json() == {"status": "accepted", "conversation_id": "conv_old_a"}
+                raced.append("conv_old_a")
+
+        report = purge(engine, BlobStore(settings.data_dir), CUTOFF, batch_size=2, on_committed=audio_webhook_meanwhile)
+        audio = client.get("/v1/conversations/conv_old_a/audio", headers=AUTH)
+
+    assert raced == ["conv_old_a"]
+    assert audio.status_code == 200, audio.text
+    assert audio.content == NEW_MP3
+    assert record(engine, "conv_old_a")["has_audio"] is True
+    assert audio_files(settings.data_dir) == {
+        "conv_old_a.mp3",
+        *(f"{cid}.mp3" for cid in NEW_WITH_AUDIO),
+        "unrelated.mp3",
+    }
+    assert (report.audio_files, report.kept_files, report.missing_files) == (2, 1, 0)
+
+
+def _wait_for_a_flock_waiter(lock_file: Path) -> None:
+    """Until some process waits for the flock of `lock_file` (Linux lists waiters in /proc/locks with `->`)."""
+    inode = f":{lock_file.stat().st_ino} "
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()):
+            return
+        time.sleep(0.01)
+
+
+def test_audio_whose_transaction_is_in_flight_while_the_purge_unlinks_is_kept(
+    engine: Engine, settings: Settings
+) -> None:
+    # The writer has renamed its file into place and recorded it, but not committed, when the purge comes to
+    # remove that path: the purge must wait for the writer's outcome, then keep what the writer's record claims.
+    seed(engine, settings.data_dir)
+    blobs = BlobStore(settings.data_dir)
+    renamed, release = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def write_audio() -> None:
+        blob = blobs.open_temp()
+
+        def work(conn: Connection) -> None:
+            blob.write(NEW_MP3)
+            relpath = blob.commit("conv_old_a")
+            observation = payloads.audio_observation("conv_old_a", None, Audio(relpath, len(NEW_MP3)), AUDIO, AT)
+            store.apply(conn, observation, AT)
+            renamed.set()
+            release.wait()
+
+        try:
+            transaction(engine, work)
+        except BaseException as exc:
+            failures.append(exc)
+            renamed.set()
+        finally:
+            blob.discard()
+
+    threads: list[threading.Thread] = []
+
+    def writer_in_flight(ids: Sequence[str]) -> None:
+        if "conv_old_a" not in ids:
+            return
+        threads.append(threading.Thread(target=write_audio))
+        threads[-1].start()
+        renamed.wait()
+        lock_file = blobs.path_lock_file("audio/conv_old_a.mp3")
+        # PostgreSQL: let the writer commit once the purge waits for the path's lock (or, were nothing guarding
+        # it, after a while). SQLite: at once; the purge's unlink waits for the writer's database write lock.
+        postgres = engine.dialect.name == "postgresql"
+        wait = (lambda: _wait_for_a_flock_waiter(lock_file)) if postgres else (lambda: None)
+        threads.append(threading.Thread(target=lambda: (wait(), release.set())))
+        threads[-1].start()
+
+    report = purge(engine, blobs, CUTOFF, batch_size=2, on_committed=writer_in_flight)
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    assert record(engine, "conv_old_a")["has_audio"] is True
+    assert (settings.data_dir / "audio" / "conv_old_a.mp3").read_bytes() == NEW_MP3
+    assert report.kept_files == 1

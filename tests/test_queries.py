@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from service.api.query_params import (
     DEFAULT_LIMIT,
+    MAX_JSON_FILTERS,
     ConversationFilter,
     Cursor,
     JsonMatch,
@@ -17,6 +18,7 @@ from service.api.query_params import (
     parse_filter,
     parse_time,
 )
+from service.record.payloads import valid_conversation_id
 
 
 def test_no_parameters_is_the_first_page_of_everything() -> None:
@@ -89,7 +91,22 @@ def test_json_matches_read_numbers_and_booleans_too() -> None:
     assert JsonMatch("b", "True").boolean is None
 
 
-@given(st.one_of(st.none(), st.integers(0, 2**40)), st.text(min_size=1, max_size=256).filter(str.isprintable))
+@given(st.integers(-(10**16) + 1, 10**16 - 1))
+def test_an_integer_filter_value_is_read_exactly(value: int) -> None:
+    number = JsonMatch("n", str(value)).number
+    assert type(number) is int and number == value  # 2**53 + 1 would not survive a float
+
+
+def test_var_and_label_filters_are_capped_together() -> None:
+    allowed = [(f"var.v{i}", "x") for i in range(MAX_JSON_FILTERS // 2)]
+    allowed += [(f"label.l{i}", "x") for i in range(MAX_JSON_FILTERS - len(allowed))]
+    assert len(parse_filter(allowed).variables) + len(parse_filter(allowed).labels) == MAX_JSON_FILTERS
+    with pytest.raises(QueryError) as refused:
+        parse_filter([*allowed, ("var.one_more", "x")])
+    assert refused.value.parameter == "var.one_more"
+
+
+@given(st.one_of(st.none(), st.integers(0, 2**40)), st.text(min_size=1, max_size=256).filter(valid_conversation_id))
 def test_cursors_round_trip(start: int | None, conversation_id: str) -> None:
     cursor = Cursor(start, conversation_id)
     assert decode_cursor(encode_cursor(cursor)) == cursor

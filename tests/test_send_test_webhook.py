@@ -33,7 +33,7 @@ def run(*args: str, secrets: str | None = SECRET, cwd: Path) -> Result:
 
 
 def sent_conversation_id(result: Result) -> str:
-    match = re.search(r'"conversation_id":"(conv_test[0-9a-f]+)"', result.stdout)
+    match = re.search(r'"conversation_id":"(conv_test[0-9a-z]+)"', result.stdout)
     assert match, result.stdout
     return match.group(1)
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from service import elevenlabs
 from service.broker import sessions
 from service.config import Settings
 from service.record.store import get_record
@@ -34,6 +37,7 @@ from tests.support.reconcile import reconcile
 from tests.test_session_token import livekit_claims, make_token
 
 API_KEY = "xi-secret-key-0123456789"
+DRIP_SECONDS = 30
 AUTH = {"Authorization": "Bearer test-token"}
 
 
@@ -55,7 +59,7 @@ class Upstream:
         return JSONResponse({"signed_url": signed, "conversation_id": "conv_ws789"})
 
     def app(self) -> Starlette:
-        paths = (sessions.TOKEN_PATH, sessions.SIGNED_URL_PATH)
+        paths = (elevenlabs.TOKEN_PATH, elevenlabs.SIGNED_URL_PATH)
         return Starlette(routes=[Route(path, self.handle) for path in paths])
 
 
@@ -87,7 +91,7 @@ def sqlite_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 def broker_settings(settings: Settings, base_url: str, **overrides: Any) -> Settings:
     return settings.model_copy(
-        update={"elevenlabs_base_url": base_url, "elevenlabs_api_key": sessions.SecretStr(API_KEY), **overrides}
+        update={"elevenlabs_base_url": base_url, "elevenlabs_api_key": SecretStr(API_KEY), **overrides}
     )
 
 
@@ -134,7 +138,7 @@ def test_webrtc_session_is_answered_and_recorded_at_once(
     assert answer.json() == {"conversation_id": "conv_abc123XYZ", "token": token, "agent_id": "agent_1"}
     assert token == make_token(livekit_claims("room_conv_abc123XYZ"))  # handed on untouched
     path, params, headers = upstream.seen[-1]
-    assert path == sessions.TOKEN_PATH
+    assert path == elevenlabs.TOKEN_PATH
     assert params == {"agent_id": "agent_1", "participant_name": "Ada", "branch_id": "br_1", "environment": "staging"}
     assert headers["xi-api-key"] == API_KEY
     record = stored(engine, "conv_abc123XYZ")
@@ -153,7 +157,7 @@ def test_websocket_session_asks_for_the_id_and_reads_it(client: TestClient, engi
     assert answer.json()["signed_url"].startswith("wss://")
     assert "token" not in answer.json()
     path, params, _ = upstream.seen[-1]
-    assert path == sessions.SIGNED_URL_PATH
+    assert path == elevenlabs.SIGNED_URL_PATH
     assert params == {"agent_id": "agent_1", "include_conversation_id": "true"}
     assert stored(engine, "conv_ws789") is not None
 
@@ -162,14 +166,14 @@ def test_websocket_id_may_come_from_the_signed_url_query(light_client: TestClien
     signed = (
         "wss://api.elevenlabs.io/v1/convai/conversation?agent_id=a&conversation_signature=s&conversation_id=conv_q1"
     )
-    upstream.replies[sessions.SIGNED_URL_PATH] = JSONResponse({"signed_url": signed})
+    upstream.replies[elevenlabs.SIGNED_URL_PATH] = JSONResponse({"signed_url": signed})
     assert create(light_client, transport="websocket").json()["conversation_id"] == "conv_q1"
 
 
 def test_room_without_conv_part_gives_the_whole_room_name(
     client: TestClient, engine: Engine, upstream: Upstream
 ) -> None:
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"token": make_token(livekit_claims("lk-room-5f2a"))})
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"token": make_token(livekit_claims("lk-room-5f2a"))})
     answer = create(client)
     assert answer.status_code == 200
     assert answer.json()["conversation_id"] == "lk-room-5f2a"
@@ -184,7 +188,7 @@ def test_malformed_token_answers_null_id_and_warns_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sessions, "_unrecognized_warned", False)
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"token": "opaque-token-of-a-new-shape"})
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"token": "opaque-token-of-a-new-shape"})
     with caplog.at_level(logging.WARNING, logger="postcall.sessions"):
         answers = [create(client), create(client)]
     for answer in answers:
@@ -306,7 +310,7 @@ def test_upstream_errors_map_to_clear_answers(
     reason: str,
 ) -> None:
     reply = JSONResponse(body, upstream_status) if body is not None else Response("down", upstream_status)
-    upstream.replies[sessions.TOKEN_PATH] = reply
+    upstream.replies[elevenlabs.TOKEN_PATH] = reply
     answer = create(light_client)
     assert answer.status_code == expected
     assert answer.json()["upstream_status"] == upstream_status
@@ -315,7 +319,7 @@ def test_upstream_errors_map_to_clear_answers(
 
 
 def test_retry_after_is_passed_on_with_a_429(light_client: TestClient, upstream: Upstream) -> None:
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": "7"})
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": "7"})
     answer = create(light_client)
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "7"
@@ -332,10 +336,61 @@ def test_retry_after_is_passed_on_with_a_429(light_client: TestClient, upstream:
 def test_unreadable_success_is_a_bad_gateway(
     light_client: TestClient, upstream: Upstream, reply: Response, reason: str
 ) -> None:
-    upstream.replies[sessions.TOKEN_PATH] = reply
+    upstream.replies[elevenlabs.TOKEN_PATH] = reply
     answer = create(light_client)
     assert answer.status_code == 502
     assert reason in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"token": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not JSON"),
+        (b'{"token": "x", "extra": ' + b"[" * 200 + b"]" * 200 + b"}", "nested deeper than"),
+        (b'{"token": "' + b"x" * (2 * 1024 * 1024) + b'"}', "larger than 1048576 bytes"),
+    ],
+    ids=["deeper-than-the-parser-goes", "deeper-than-postcall-stores", "2-MiB"],
+)
+def test_an_answer_too_deep_or_too_large_is_a_bad_gateway(
+    light_client: TestClient, upstream: Upstream, body: bytes, reason: str
+) -> None:
+    upstream.replies[elevenlabs.TOKEN_PATH] = Response(body, media_type="application/json")
+    answer = create(light_client)
+    assert answer.status_code == 502, answer.text
+    assert reason in answer.json()["upstream_reason"]
+
+
+def test_a_failing_elevenlabs_is_asked_once_the_caller_decides_when_to_retry(
+    light_client: TestClient, upstream: Upstream
+) -> None:
+    """A token request mints a conversation: a retry after a lost answer would mint a second one."""
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"detail": "overloaded"}, 503, headers={"Retry-After": "2"})
+    answer = create(light_client)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "2"
+    assert len(upstream.seen) == 1
+
+
+def test_a_dripping_elevenlabs_is_cut_off_at_the_deadline(
+    tmp_path: Path, upstream: Upstream, upstream_server: tuple[Upstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each byte arrives within the read timeout, so only an overall deadline ends the call (here 1 s, not 10)."""
+
+    async def drip() -> AsyncIterator[bytes]:
+        yield b'{"token": "'
+        for _ in range(DRIP_SECONDS * 5):
+            await anyio.sleep(0.2)
+            yield b"x"
+        yield b'"}'
+
+    upstream.replies[elevenlabs.TOKEN_PATH] = StreamingResponse(drip(), media_type="application/json")
+    monkeypatch.setattr(sessions, "DEADLINE_SECONDS", 1.0)
+    started = time.monotonic()
+    with TestClient(create_app(broker_settings(sqlite_settings(tmp_path), upstream_server[1]))) as client:
+        answer = create(client)
+    assert answer.status_code == 503, answer.text
+    assert "did not answer within 1 s" in answer.json()["error"]
+    assert time.monotonic() - started < DRIP_SECONDS  # a bound: without the deadline the drip ends after 30 s
 
 
 def test_unreachable_elevenlabs_is_unavailable(tmp_path: Path) -> None:
@@ -360,7 +415,7 @@ def test_api_key_never_leaves_the_server(
     light_client: TestClient, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An upstream that echoes the key back in its error must not make us echo it further.
-    upstream.replies[sessions.TOKEN_PATH] = JSONResponse({"detail": f"key {API_KEY} is not valid"}, 401)
+    upstream.replies[elevenlabs.TOKEN_PATH] = JSONResponse({"detail": f"key {API_KEY} is not valid"}, 401)
     with caplog.at_level(logging.DEBUG):
         answers = [create(light_client), create(light_client, transport="websocket")]
     upstream.replies.clear()
@@ -387,6 +442,8 @@ def test_api_key_never_leaves_the_server(
         ({"agent_id": "a" * 257, "transport": "webrtc"}, "agent_id"),
         ({"agent_id": "agent_1"}, "transport"),
         ({"agent_id": "agent_1", "transport": "sip"}, "transport"),
+        ({"agent_id": "agent_1", "transport": ["webrtc"]}, "transport"),
+        ({"agent_id": "agent_1", "transport": {"kind": "webrtc"}}, "transport"),
         ({"agent_id": "agent_1", "transport": "webrtc", "user_id": 7}, "user_id"),
         ({"agent_id": "agent_1", "transport": "webrtc", "branch_id": ""}, "branch_id"),
         ({"agent_id": "agent_1", "transport": "webrtc", "labels": ["a"]}, "labels"),
@@ -404,6 +461,24 @@ def test_bad_bodies_are_refused_naming_the_field(
     assert answer.json()["field"] == field
     assert answer.json()["error"].startswith(field)
     assert upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "field"),
+    [({"ticket": "T-\x001"}, "labels.ticket"), ({"tick\x00et": "T-1"}, "labels")],
+    ids=["in-a-value", "in-a-name"],
+)
+def test_a_label_holding_nul_is_refused_before_elevenlabs_is_asked(
+    client: TestClient, engine: Engine, upstream: Upstream, labels: dict[str, str], field: str
+) -> None:
+    """PostgreSQL cannot store NUL: refused at the door, before ElevenLabs mints a conversation nobody records."""
+    answer = create(client, labels=labels)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field
+    assert "NUL" in answer.json()["error"]
+    assert upstream.seen == []
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM conversation").scalar_one() == 0
 
 
 def test_a_body_that_is_not_json_is_refused(light_client: TestClient) -> None:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.webhook.signature import SignatureError, check_timestamp, parse_header, sign, verify
+from service.webhook.signature import BodyVerifier, SignatureError, check_timestamp, parse_header, sign
 
 NOW = 1_760_000_000
 BODY = b'{"type": "post_call_transcription"}'
+
+
+def verify(header_value: str | None, body: bytes, secrets: Sequence[bytes], now: float, tolerance: int) -> None:
+    """What the receiver does, with the whole body in one chunk: parse, check the window, verify."""
+    header = parse_header(header_value)
+    check_timestamp(header, now, tolerance)
+    verifier = BodyVerifier(header, secrets)
+    verifier.update(body)
+    verifier.verify()
 
 
 def test_signed_body_verifies() -> None:

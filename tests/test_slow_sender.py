@@ -6,6 +6,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -17,6 +18,7 @@ from service.config import Settings
 from service.storage.audio import BlobStore
 from service.web.app import create_app
 from service.webhook.body import BodyTooSlow, Pace, read_body
+from service.webhook.pending import PendingBudget
 from service.webhook.signature import parse_header
 from tests.support import webhooks as wh
 from tests.support.live import live_server
@@ -34,7 +36,8 @@ def read_dripped(body: bytes, piece: int, every: float, blobs: BlobStore) -> byt
     """Read a signed body that arrives `piece` bytes every `every` seconds, at the QUICK pace."""
     header = parse_header(wh.signed_headers(body)["ElevenLabs-Signature"])
     chunks = [body[i : i + piece] for i in range(0, len(body), piece)]
-    received = anyio.run(read_body, drip(chunks, every), header, [wh.SECRET.encode()], 1 << 20, blobs, QUICK)
+    read = partial(read_body, max_bytes=1 << 20, pending=PendingBudget(1 << 20), pace=QUICK)
+    received = anyio.run(read, drip(chunks, every), header, [wh.SECRET.encode()], blobs)
     assert received.raw is not None
     return received.raw
 

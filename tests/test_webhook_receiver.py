@@ -232,8 +232,9 @@ def test_audio_base64_with_line_breaks_is_decoded_like_the_streamed_path(
 def test_unsafe_conversation_id_cannot_escape_the_data_dir(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:
-    assert post(client, wh.audio("../../etc/passwd", b"abc")).status_code == 200
-    stored = record(engine, "../../etc/passwd")
+    assert post(client, wh.audio("../../etc/passwd", b"abc")).status_code == 400  # an id holding `/` is not an id
+    assert post(client, wh.audio("..", b"abc")).status_code == 200
+    stored = record(engine, "..")
     path = (settings.data_dir / str(stored["audio_path"])).resolve()
     assert path.is_relative_to(settings.data_dir.resolve())
     assert path.read_bytes() == b"abc"
@@ -252,3 +253,34 @@ def test_database_unavailable_is_503_without_crashing(settings: Settings, tmp_pa
         # The process keeps serving.
         assert post(client, wh.transcription("conv_down2")).status_code == 503
     engine.dispose()
+
+
+def _large_audio_event(conversation_id: str, full_audio: str) -> bytes:
+    """An audio event past the 1 MiB after which the receiver streams it, its bulk in padding around the audio."""
+    padding = " " * (2 << 20)
+    return (
+        f'{{"type": "post_call_audio", "data": {{"conversation_id": "{conversation_id}",{padding}'
+        f'"full_audio": "{full_audio}"}}}}'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        wh.encode(wh.audio("conv_empty", b"")),
+        b'{"type": "post_call_audio", "data": {"conversation_id": "conv_empty", "full_audio": "\\n"}}',
+        _large_audio_event("conv_empty", ""),
+        _large_audio_event("conv_empty", "\\n\\r\\n"),
+    ],
+    ids=["small", "small-only-a-line-break", "streamed", "streamed-only-line-breaks"],
+)
+def test_an_empty_audio_is_400_and_stores_nothing_whichever_path_reads_it(
+    client: TestClient, engine: Engine, settings: Settings, body: bytes
+) -> None:
+    answer = client.post(URL, content=iter([body[:65536], body[65536:]]), headers=wh.signed_headers(body))
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"error": "post_call_audio has no data.full_audio"}
+    assert count(engine, "conversation") == 0
+    assert count(engine, "webhook_event") == 0
+    assert [path for path in settings.data_dir.rglob("*") if path.is_file()] == []

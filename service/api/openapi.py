@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from service.api import query_params
 from service.api.auth import ENABLE_HINT, requires_bearer
+from service.record.fields import DETAIL_ONLY, LISTED, Kind, RecordField
 
 UNDOCUMENTED = "undocumented"
 _CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
@@ -36,35 +37,33 @@ def _error(description: str) -> dict[str, Any]:
 
 
 TIME = _nullable("string", format="date-time")
-RECORD_PROPERTIES: dict[str, Any] = {
-    "conversation_id": {"type": "string"},
-    "agent_id": _nullable("string"),
-    "status": _nullable("string", description="initiated, in-progress, processing, done or failed"),
-    "user_id": _nullable("string"),
-    "branch_id": _nullable("string"),
-    "start_time_unix_secs": _nullable("integer"),
-    "call_duration_secs": _nullable("number"),
-    "call_successful": _nullable("string", description="success, failure or unknown"),
-    "transcript_summary": _nullable("string"),
-    "termination_reason": _nullable("string"),
-    "main_language": _nullable("string"),
-    "initiation_source": _nullable("string"),
-    "failure_reason": _nullable("string"),
-    "dynamic_variables": _nullable("object"),
-    "labels": _nullable("object"),
-    "has_audio": {"type": "boolean", "description": "audio is stored and served by /audio"},
-    "first_seen_via": {"type": "string", "enum": list(query_params.SOURCES)},
-    "webhook_received_at": TIME,
-    "audio_received_at": TIME,
-    "reconciled_at": TIME,
-    "complete": {"type": "boolean", "description": "the full detail (transcript, analysis) is stored"},
+_JSON_TYPES = {
+    Kind.TEXT: "string",
+    Kind.INTEGER: "integer",
+    Kind.NUMBER: "number",
+    Kind.BOOLEAN: "boolean",
+    Kind.OBJECT: "object",
+    Kind.LIST: "array",
+    Kind.TIMESTAMP: "string",
 }
-DETAIL_PROPERTIES: dict[str, Any] = {
-    **RECORD_PROPERTIES,
-    "transcript": _nullable("array", items={"type": "object"}),
-    "analysis": _nullable("object"),
-    "metadata": _nullable("object"),
-}
+
+
+def _field_schema(field: RecordField) -> dict[str, Any]:
+    """The JSON schema of one record field as the read API serves it (api/reads.py)."""
+    json_type = _JSON_TYPES[field.kind]
+    schema: dict[str, Any] = _nullable(json_type) if field.nullable else {"type": json_type}
+    if field.kind is Kind.TIMESTAMP:
+        schema["format"] = "date-time"
+    if field.kind is Kind.LIST:
+        schema["items"] = {"type": "object"}
+    if field.choices:
+        schema["enum"] = [*field.choices, None] if field.nullable else list(field.choices)
+    schema["description"] = field.description
+    return schema
+
+
+RECORD_PROPERTIES: dict[str, Any] = {field.name: _field_schema(field) for field in LISTED}
+DETAIL_PROPERTIES: dict[str, Any] = {**RECORD_PROPERTIES, **{field.name: _field_schema(field) for field in DETAIL_ONLY}}
 RUN_PROPERTIES: dict[str, Any] = {
     "id": {"type": "integer"},
     "started_at": {"type": "string", "format": "date-time"},

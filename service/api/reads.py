@@ -25,36 +25,15 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 
 from service.api.query_params import ConversationFilter, Cursor, JsonMatch
+from service.record import fields
 from service.storage.tables import Conversation, ReconcileRun
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 
-# The record as PRODUCT.md lists it, in that order; the single record adds DETAIL_FIELDS.
-RECORD_FIELDS = (
-    "conversation_id",
-    "agent_id",
-    "status",
-    "user_id",
-    "branch_id",
-    "start_time_unix_secs",
-    "call_duration_secs",
-    "call_successful",
-    "transcript_summary",
-    "termination_reason",
-    "main_language",
-    "initiation_source",
-    "failure_reason",
-    "dynamic_variables",
-    "labels",
-    "has_audio",
-    "first_seen_via",
-    "webhook_received_at",
-    "audio_received_at",
-    "reconciled_at",
-    "complete",
-)
-DETAIL_FIELDS = ("transcript", "analysis", "metadata")
+# The record's fields (record/fields.py): the list answer's, in order; the single record adds DETAIL_FIELDS.
+RECORD_FIELDS = tuple(entry.name for entry in fields.LISTED)
+DETAIL_FIELDS = tuple(entry.name for entry in fields.DETAIL_ONLY)
 RUN_FIELDS = (
     "id",
     "started_at",
@@ -73,7 +52,10 @@ RUN_FIELDS = (
     "failed",
     "error",
 )
-_OBJECT_FIELDS = ("dynamic_variables", "labels", "analysis", "metadata")
+# The JSON a field must hold to be served as it is; anything else reads as absent (null).
+_JSON_SHAPES: dict[str, type] = {
+    entry.name: dict if entry.kind is fields.Kind.OBJECT else list for entry in fields.FIELDS if entry.is_json
+}
 
 
 @dataclass(frozen=True)
@@ -184,11 +166,9 @@ def recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
 def public_record(row: Mapping[Any, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
     """A row as the API shows it: timestamps ISO-8601 UTC, absent objects null, nothing else."""
     record = {name: _plain(row[name]) for name in (*RECORD_FIELDS, *extra)}
-    for name in _OBJECT_FIELDS:
-        if name in record and not isinstance(record[name], dict):
+    for name, shape in _JSON_SHAPES.items():
+        if name in record and not isinstance(record[name], shape):
             record[name] = None
-    if "transcript" in record and not isinstance(record["transcript"], list):
-        record["transcript"] = None
     return record
 
 

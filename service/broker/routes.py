@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from service.api.auth import bearer_protected
 from service.broker import sessions
+from service.storage.db import run_transaction
 from service.web.state import app_state
 from service.webhook.body import BodyTooLarge
 
@@ -25,10 +26,10 @@ MAX_BODY_BYTES = 256 * 1024
 async def create(request: Request) -> JSONResponse:
     state = app_state(request)
     session_request = sessions.parse_request(await _json_body(request))
-    session = await sessions.open_session(state.elevenlabs, state.settings.elevenlabs_api_key, session_request)
+    session = await sessions.open_session(state.elevenlabs, session_request)
     if session.conversation_id is not None:
         at = datetime.fromtimestamp(state.clock(), UTC)
-        await state.write(lambda conn: sessions.record_session(conn, session, session_request, at))
+        await run_transaction(state.engine, lambda conn: sessions.record_session(conn, session, session_request, at))
     log.info("session opened", extra={"conversation_id": session.conversation_id, "agent_id": session.agent_id})
     return JSONResponse(session.answer())
 

@@ -4,13 +4,19 @@ conversation_id from it, and record the conversation before the call starts.
 The recorded row is an ordinary observation (source `session`, status `initiated`, the caller's user_id and
 labels), so the post-call webhook and the reconciler later merge into the same record under the usual rules.
 
+ElevenLabs is asked through the one client (service/elevenlabs.py), built for the broker by `elevenlabs_client`:
+- no retries: a caller is waiting, and each token request mints a conversation at ElevenLabs, so a retry after a
+  lost answer would mint a second one; a 429 or 5xx goes back at once as a 503 with the upstream's Retry-After,
+  and the caller decides when to try again;
+- one deadline for the whole call (DEADLINE_SECONDS), however slowly the upstream drips its answer;
+- an answer read up to MAX_ANSWER_BYTES (a token answer is a few hundred bytes).
+
 Errors are types; `service/web/errors.py` turns them into answers:
-- InvalidSessionRequest(field, message): the body does not describe a session (422).
+- InvalidSessionRequest(field, message): the body does not describe a session (422), before ElevenLabs is asked;
+  the string fields are printable, so NUL (which PostgreSQL cannot store) never gets past the door.
 - BrokerNotConfigured: no POSTCALL_ELEVENLABS_API_KEY (503).
-- UpstreamError(kind, …): ElevenLabs refused or failed, with ElevenLabs' own reason —
-  REJECTED (401/403 and other 4xx: 502), NOT_FOUND (404), UNAVAILABLE (429, 5xx, timeouts, connection
-  failures: 503), BAD_ANSWER (a 2xx without the token or URL: 502).
-The API key goes out only in the `xi-api-key` header; reasons are scrubbed of it before they travel further.
+- the client's ElevenLabsError tree: upstream 401/403 and other refusals 502, 404 404, 429/5xx/no answer 503,
+  an answer that cannot be read 502 — each with ElevenLabs' own reason, the API key scrubbed from it.
 """
 
 from __future__ import annotations
@@ -23,19 +29,20 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
 from sqlalchemy.engine import Connection
 
 from service.broker.token import conversation_id_from_signed_url, conversation_id_from_token
-from service.elevenlabs import scrub_key
+from service.config import Settings
+from service.elevenlabs import NO_RETRIES, ElevenLabsClient
 from service.record import payloads, store
 
 log = logging.getLogger("postcall.sessions")
 
-TOKEN_PATH = "/v1/convai/conversation/token"  # noqa: S105 (a path, not a secret)
-SIGNED_URL_PATH = "/v1/convai/conversation/get-signed-url"
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
-MAX_REASON_CHARS = 300
+DEADLINE_SECONDS = 10.0
+TIMEOUT = httpx.Timeout(DEADLINE_SECONDS, connect=5.0)  # a host that does not accept is given up on sooner
+MAX_ANSWER_BYTES = 1024 * 1024
+# Sessions are started by people waiting for a call; more at once than this wait for a slot (within the deadline).
+CONCURRENCY = 64
 MAX_LABELS = 64
 # Lengths bounded by the columns they land in (models.Conversation), so a long value is a 422, not a 500.
 MAX_CHARS = {"agent_id": 256, "branch_id": 256, "user_id": 1024, "participant_name": 256, "environment": 256}
@@ -84,24 +91,6 @@ class BrokerNotConfigured(Exception):
     """No ElevenLabs API key: the broker cannot fetch tokens."""
 
 
-class UpstreamKind(StrEnum):
-    REJECTED = "rejected"
-    NOT_FOUND = "not_found"
-    UNAVAILABLE = "unavailable"
-    BAD_ANSWER = "bad_answer"
-
-
-class UpstreamError(Exception):
-    def __init__(
-        self, kind: UpstreamKind, reason: str, upstream_status: int | None = None, retry_after: str | None = None
-    ) -> None:
-        super().__init__(f"{kind.value}: {upstream_status} {reason}")
-        self.kind = kind
-        self.reason = reason
-        self.upstream_status = upstream_status
-        self.retry_after = retry_after
-
-
 # --- the request body ------------------------------------------------------------------------------------------
 
 _OPTIONAL = ("participant_name", "branch_id", "environment", "user_id")
@@ -118,7 +107,7 @@ def parse_request(payload: Any) -> SessionRequest:
     agent_id = _string(payload, "agent_id", required=True)
     assert agent_id is not None
     transport = payload.get("transport", None)
-    if transport not in {t.value for t in Transport}:
+    if not isinstance(transport, str) or transport not in {t.value for t in Transport}:  # a list is unhashable
         raise InvalidSessionRequest("transport", 'must be "webrtc" or "websocket"')
     optional = {name: _string(payload, name, required=False) for name in _OPTIONAL}
     return SessionRequest(
@@ -144,35 +133,48 @@ def _labels(value: Any) -> dict[str, str]:
         raise InvalidSessionRequest("labels", "must be an object of strings")
     if len(value) > MAX_LABELS:
         raise InvalidSessionRequest("labels", f"may hold at most {MAX_LABELS} labels")
+    # NUL is refused, not replaced: PostgreSQL cannot store it, and a label altered on the way would no longer
+    # find the conversation by the value the caller knows. Refused here, before ElevenLabs mints a conversation.
     for key, item in value.items():
-        if not key or len(key) > MAX_LABEL_KEY_CHARS:
-            raise InvalidSessionRequest("labels", f"names must have 1 to {MAX_LABEL_KEY_CHARS} characters")
-        if not isinstance(item, str) or len(item) > MAX_LABEL_VALUE_CHARS:
-            raise InvalidSessionRequest(f"labels.{key}", f"must be a string of at most {MAX_LABEL_VALUE_CHARS} chars")
+        if not key or len(key) > MAX_LABEL_KEY_CHARS or "\x00" in key:
+            raise InvalidSessionRequest("labels", f"names must have 1 to {MAX_LABEL_KEY_CHARS} characters, no NUL")
+        if not isinstance(item, str) or len(item) > MAX_LABEL_VALUE_CHARS or "\x00" in item:
+            raise InvalidSessionRequest(
+                f"labels.{key}", f"must be a string of at most {MAX_LABEL_VALUE_CHARS} characters, no NUL"
+            )
     return dict(value)
 
 
 # --- ElevenLabs ------------------------------------------------------------------------------------------------
 
 
-def elevenlabs_client(base_url: str) -> httpx.AsyncClient:
-    """The client the broker talks to ElevenLabs with; the owner (the app's lifespan) closes it."""
-    return httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT, headers={"user-agent": "postcall"})
+def elevenlabs_client(settings: Settings) -> ElevenLabsClient | None:
+    """The client the broker asks ElevenLabs with (None without an API key); the app's lifespan closes it."""
+    if settings.elevenlabs_api_key is None:
+        return None
+    return ElevenLabsClient.open(
+        settings.elevenlabs_base_url,
+        settings.elevenlabs_api_key.get_secret_value(),
+        timeout=TIMEOUT,
+        concurrency=CONCURRENCY,
+        retries=NO_RETRIES,
+        deadline=DEADLINE_SECONDS,
+        max_json_bytes=MAX_ANSWER_BYTES,
+    )
 
 
-async def open_session(client: httpx.AsyncClient, api_key: SecretStr | None, request: SessionRequest) -> Session:
+async def open_session(client: ElevenLabsClient | None, request: SessionRequest) -> Session:
     """Ask ElevenLabs for the credential the client starts the call with, and read the conversation_id from it."""
-    if api_key is None:
+    if client is None:
         raise BrokerNotConfigured("the session broker is not configured: set POSTCALL_ELEVENLABS_API_KEY")
+    where = {"branch_id": request.branch_id, "environment": request.environment}
     if request.transport is Transport.WEBRTC:
-        params = _params(request, agent_id=request.agent_id, participant_name=request.participant_name)
-        answer = await _get(client, TOKEN_PATH, params, api_key)
-        credential = _credential(answer, "token")
+        answer = await client.conversation_token(request.agent_id, participant_name=request.participant_name, **where)
+        credential = answer["token"]
         conversation_id = conversation_id_from_token(credential)
     else:
-        params = _params(request, agent_id=request.agent_id, include_conversation_id="true")
-        answer = await _get(client, SIGNED_URL_PATH, params, api_key)
-        credential = _credential(answer, "signed_url")
+        answer = await client.signed_url(request.agent_id, **where)
+        credential = answer["signed_url"]
         conversation_id = conversation_id_from_signed_url(answer)
     if conversation_id is None:
         _warn_unrecognized(request.transport)
@@ -186,72 +188,6 @@ def record_session(conn: Connection, session: Session, request: SessionRequest, 
         session.conversation_id, request.agent_id, request.user_id, request.branch_id, request.labels, at
     )
     return store.apply(conn, observation, now=at)
-
-
-def _params(request: SessionRequest, **params: str | None) -> dict[str, str]:
-    params.update(branch_id=request.branch_id, environment=request.environment)
-    return {name: value for name, value in params.items() if value is not None}
-
-
-async def _get(client: httpx.AsyncClient, path: str, params: dict[str, str], api_key: SecretStr) -> dict[str, Any]:
-    key = api_key.get_secret_value()
-    try:
-        response = await client.get(path, params=params, headers={"xi-api-key": key})
-    except httpx.TimeoutException as exc:
-        raise UpstreamError(
-            UpstreamKind.UNAVAILABLE, f"ElevenLabs did not answer in time ({type(exc).__name__})"
-        ) from None
-    except httpx.TransportError as exc:
-        reason = scrub_key(f"cannot reach ElevenLabs: {type(exc).__name__}: {exc}", key)
-        raise UpstreamError(UpstreamKind.UNAVAILABLE, reason) from None
-    except httpx.HTTPError as exc:  # decoding errors, redirect loops: an answer we cannot use
-        raise UpstreamError(UpstreamKind.BAD_ANSWER, scrub_key(f"{type(exc).__name__}: {exc}", key)) from None
-    if response.is_success:
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise UpstreamError(UpstreamKind.BAD_ANSWER, "the answer is not a JSON object", response.status_code)
-        return answer
-    raise UpstreamError(
-        _kind(response.status_code),
-        upstream_reason(response, key),
-        response.status_code,
-        retry_after=response.headers.get("retry-after") if response.status_code in (429, 503) else None,
-    )
-
-
-def _kind(status: int) -> UpstreamKind:
-    if status == 404:
-        return UpstreamKind.NOT_FOUND
-    if status == 429 or status >= 500:
-        return UpstreamKind.UNAVAILABLE
-    return UpstreamKind.REJECTED
-
-
-def _credential(answer: Mapping[str, Any], name: str) -> str:
-    value = answer.get(name)
-    if not isinstance(value, str) or not value:
-        raise UpstreamError(UpstreamKind.BAD_ANSWER, f"the answer has no {name!r}", 200)
-    return value
-
-
-def upstream_reason(response: httpx.Response, key: str = "") -> str:
-    """ElevenLabs' own words for an error: `detail.message`, a `detail` string, the first validation message,
-    else the status line's reason phrase; with `key` scrubbed from it."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    detail = body.get("detail") if isinstance(body, dict) else None
-    if isinstance(detail, dict):
-        detail = detail.get("message") or detail.get("status")
-    elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        detail = detail[0].get("msg")
-    reason = detail if isinstance(detail, str) and detail.strip() else response.reason_phrase or "no reason given"
-    # Scrub, then shorten: shortening first could cut an echoed key in two, and a half key escapes the scrub.
-    return scrub_key(reason, key)[:MAX_REASON_CHARS]
 
 
 _unrecognized_warned = False

@@ -51,7 +51,7 @@ from service.reconcile.windows import (
     next_checkpoint,
     plan_window,
 )
-from service.record import payloads, store
+from service.record import fields, payloads, store
 from service.record.merge import Observation, Source, is_final, merge
 from service.storage.audio import BlobStore
 from service.storage.db import StoreUnavailable, transaction, unavailable_as_store_error
@@ -90,17 +90,7 @@ _FINGERPRINT = (
     "data_rank",
     "complete",
     "has_audio",
-    "agent_id",
-    "user_id",
-    "branch_id",
-    "start_time_unix_secs",
-    "call_duration_secs",
-    "call_successful",
-    "transcript_summary",
-    "termination_reason",
-    "main_language",
-    "initiation_source",
-    "failure_reason",
+    *(entry.name for entry in fields.FIELDS if entry.content and not entry.is_json),
 )
 
 

@@ -20,6 +20,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from service.record.fields import FIELDS
+
 
 class Source(StrEnum):
     SESSION = "session"
@@ -59,24 +61,8 @@ STATUS_RANK: dict[str, int] = {"initiated": 0, "in-progress": 1, "processing": 2
 FINAL_STATUSES = frozenset({"done", "failed"})
 UNKNOWN_STATUS_RANK = -1
 
-# The content a source may carry; everything else on the record is provenance or audio bookkeeping.
-CONTENT_FIELDS = (
-    "agent_id",
-    "user_id",
-    "branch_id",
-    "start_time_unix_secs",
-    "call_duration_secs",
-    "call_successful",
-    "transcript_summary",
-    "termination_reason",
-    "main_language",
-    "initiation_source",
-    "failure_reason",
-    "dynamic_variables",
-    "transcript",
-    "analysis",
-    "metadata",
-)
+# The content a source may carry (record/fields.py); everything else on the record is provenance or audio bookkeeping.
+CONTENT_FIELDS = tuple(entry.name for entry in FIELDS if entry.content)
 
 
 @dataclass(frozen=True)
@@ -125,20 +111,13 @@ def merge(record: Mapping[str, Any] | None, obs: Observation) -> dict[str, Any]:
 
 
 def _new_record(obs: Observation) -> dict[str, Any]:
-    record: dict[str, Any] = {name: None for name in CONTENT_FIELDS}
+    record: dict[str, Any] = {entry.name: entry.default for entry in FIELDS}
     record.update(
         conversation_id=obs.conversation_id,
-        status=None,
-        labels=None,
-        has_audio=False,
-        audio_path=None,
-        audio_bytes=None,
         first_seen_via=CHANNEL[obs.source],
         first_seen_at=obs.observed_at,
-        webhook_received_at=None,
-        audio_received_at=None,
-        reconciled_at=None,
-        complete=False,
+        audio_path=None,
+        audio_bytes=None,
         data_rank=UNKNOWN_STATUS_RANK * 10,
     )
     return record

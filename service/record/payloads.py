@@ -29,6 +29,13 @@ _COLUMNS = Conversation.__table__.c  # type: ignore[attr-defined]
 LIMITS: dict[str, int] = {
     column.name: column.type.length for column in _COLUMNS if getattr(column.type, "length", None) is not None
 }
+# A column a btree index holds must fit the index entry too: PostgreSQL refuses an entry over 2,704 bytes
+# (ProgramLimitExceeded), however long the column may be. Lengths count characters, and a character is up to 4
+# bytes of UTF-8, so these columns are bounded by bytes as well. (user_id, start, conversation_id): 1,536 bytes
+# of user_id + 8 of start + 1,024 of the longest id (256 characters) + headers and padding = 2,592 at most.
+# Every other indexed text column fits at 4 bytes per character; tests/test_hardening_storage.py checks each index.
+BTREE_MAX_ENTRY_BYTES = 2704
+BYTE_LIMITS: dict[str, int] = {"user_id": 1536}
 
 
 class PayloadError(Exception):
@@ -65,8 +72,20 @@ def read_envelope(payload: Any) -> Envelope:
 
 
 def valid_conversation_id(value: Any) -> bool:
-    # U+FFFD is what `without_nul` leaves of a NUL: an id that held one is not an id to store under.
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and "\ufffd" not in value
+    """Whether `value` can be a conversation_id: every way in (webhook, reconciler, broker, read API) asks this.
+
+    U+FFFD is what `without_nul` leaves of a NUL: an id that held one is not an id to store under. A `/` is
+    refused too: such an id could be stored but never addressed, neither as `/v1/conversations/{id}` here (a
+    server decodes %2F before routing) nor at ElevenLabs' own `/v1/convai/conversations/{id}`; ElevenLabs' ids
+    are `conv_` and letters and digits. Refused, it is a 400 for a known webhook type (nothing stored), an
+    unknown type is still archived without it, the reconciler skips it and the broker answers a null id."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and "\ufffd" not in value
+        and "/" not in value
+    )
 
 
 def without_nul(value: Any) -> Any:
@@ -92,8 +111,19 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def fits(value: str, column: str) -> bool:
+    """Whether the conversation column `column` (and every index on it) can hold `value` on either database."""
+    if len(value) > LIMITS[column]:
+        return False
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows one escaped): neither database can store it
+        return False
+    return size <= BYTE_LIMITS.get(column, size)
+
+
 def _bounded(value: Any, column: str) -> str | None:
-    return value if isinstance(value, str) and len(value) <= LIMITS[column] else None
+    return value if isinstance(value, str) and fits(value, column) else None
 
 
 def _int(value: Any) -> int | None:
@@ -115,7 +145,7 @@ def _obj(value: Any) -> dict[str, Any] | None:
 
 
 def _status(value: Any) -> str | None:
-    return value if isinstance(value, str) and value and len(value) <= LIMITS["status"] else None
+    return value if isinstance(value, str) and value and fits(value, "status") else None
 
 
 def detail_observation(data: Mapping[str, Any], source: Source, at: datetime) -> Observation:
@@ -204,7 +234,12 @@ def session_observation(
         source=Source.SESSION,
         observed_at=at,
         status="initiated",
-        fields={"agent_id": agent_id, "user_id": user_id, "branch_id": branch_id},
+        # The broker checks lengths in characters; a value an index cannot hold reads as absent here too.
+        fields={
+            "agent_id": agent_id,
+            "user_id": _bounded(user_id, "user_id"),
+            "branch_id": _bounded(branch_id, "branch_id"),
+        },
         labels=dict(labels) if labels else None,
     )
 

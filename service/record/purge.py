@@ -9,6 +9,11 @@ never holds a long lock against the webhook receiver. Each batch locks its rows 
 `BEGIN IMMEDIATE` takes the write lock), deletes them and their archived webhook events (or, with `audio_only`,
 clears their audio columns), commits, and only then unlinks the audio files: a crash in between leaves an orphaned
 file, never a record pointing at a missing one. A file already gone is fine.
+
+Audio accepted meanwhile. Between a batch's commit and the unlink, an audio webhook (or a reconcile) may store a
+new file for one of those conversations, at the same path, under a new record. So each file is removed only if no
+committed record claims its path, decided under the path's lock, which a writer holds until its transaction ends
+(storage/audio.py, "Deleting"): a file committed after the batch's transaction is never deleted.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from service.record import store
 from service.storage.audio import BlobStore
 from service.storage.db import transaction
 from service.storage.tables import Conversation, WebhookEvent
@@ -30,19 +37,29 @@ conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 webhook_events: sa.Table = WebhookEvent.__table__  # type: ignore[attr-defined]
 
 
+class CutoffError(ValueError):
+    """An age that reaches back to a time no timestamp column can compare with: the caller exits 2 saying so."""
+
+
 @dataclass(frozen=True)
 class Cutoff:
     """Conversations that started before `unix` (or, with no start time, were first seen before it) are old."""
 
     unix: int
 
+    def __post_init__(self) -> None:
+        self.moment()  # refused here, with a reason, rather than as a traceback halfway through the purge
+
+    def moment(self) -> datetime:
+        try:
+            return datetime.fromtimestamp(self.unix, UTC)
+        except (ValueError, OverflowError, OSError):
+            raise CutoffError("reaches back past the year 1; give a shorter age") from None
+
     def condition(self) -> sa.ColumnElement[bool]:
         started = conversations.c.start_time_unix_secs
         first_seen = conversations.c.first_seen_at
-        return sa.or_(
-            started < self.unix,
-            sa.and_(started.is_(None), first_seen < datetime.fromtimestamp(self.unix, UTC)),
-        )
+        return sa.or_(started < self.unix, sa.and_(started.is_(None), first_seen < self.moment()))
 
 
 @dataclass
@@ -52,6 +69,7 @@ class PurgeReport:
     audio_bytes: int = 0
     webhook_events: int = 0
     missing_files: int = 0
+    kept_files: int = 0  # at a purged record's path, but put there and claimed by a write committed since
 
 
 def count(engine: Engine, cutoff: Cutoff, audio_only: bool = False) -> PurgeReport:
@@ -84,8 +102,12 @@ def purge(
     audio_only: bool = False,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     batch_size: int = BATCH_SIZE,
+    on_committed: Callable[[Sequence[str]], None] | None = None,
 ) -> PurgeReport:
-    """Delete old conversations (or only their audio) batch by batch until none is left; returns the totals."""
+    """Delete old conversations (or only their audio) batch by batch until none is left; returns the totals.
+
+    `on_committed` is called with each batch's conversation ids once its transaction has committed, before its
+    files are removed (progress; tests race writes against the purge there)."""
     report = PurgeReport()
     step = _clear_audio_batch if audio_only else _delete_batch
     while True:
@@ -94,18 +116,28 @@ def purge(
             return report
         report.conversations += len(batch.ids)
         report.webhook_events += batch.webhook_events
+        if on_committed is not None:
+            on_committed(batch.ids)
         # The rows are committed away: from here a failure can only leave an orphaned file behind.
-        for relpath, size in batch.audio:
-            report.audio_files += 1
-            report.audio_bytes += size
-            if not blobs.path_of(relpath).exists():
-                report.missing_files += 1
-            blobs.delete(relpath)
+        transaction(engine, partial(_remove_files, blobs=blobs, audio=batch.audio, report=report))
+
+
+def _remove_files(conn: Connection, blobs: BlobStore, audio: Sequence[tuple[str, int]], report: PurgeReport) -> None:
+    """Unlink each purged file no committed record claims any more. In a transaction of its own: on SQLite that
+    holds the write lock, which every audio writer holds before the path's lock (storage/audio.py)."""
+    for relpath, size in audio:
+        report.audio_files += 1
+        report.audio_bytes += size
+        removed = blobs.remove_unclaimed(relpath, lambda path: store.audio_is_claimed(conn, path))
+        if removed is False:
+            report.missing_files += 1
+        elif removed is None:
+            report.kept_files += 1
 
 
 def describe(report: PurgeReport, cutoff: Cutoff, older_than: str, audio_only: bool, dry_run: bool) -> str:
     """One line for the operator: what was (or, with --dry-run, would be) removed."""
-    since = datetime.fromtimestamp(cutoff.unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    since = cutoff.moment().isoformat(timespec="seconds").replace("+00:00", "Z")
     scope = f"started before {since} (older than {older_than})"
     audio = f"{report.audio_files} audio files ({report.audio_bytes:,} bytes)"
     if audio_only:
@@ -119,6 +151,8 @@ def describe(report: PurgeReport, cutoff: Cutoff, older_than: str, audio_only: b
         )
     if report.missing_files:
         line += f"; {report.missing_files} audio files were already missing"
+    if report.kept_files:
+        line += f"; {report.kept_files} audio files stored again meanwhile were kept"
     return line
 
 

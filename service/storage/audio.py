@@ -4,6 +4,7 @@ Layout under POSTCALL_DATA_DIR:
     tmp/*.part      files being written, each locked (flock) by its writer for as long as it lives
     tmp/*.claim     a note that a transaction is putting a file at <relpath>, locked by its writer; removed once
                     that transaction has committed
+    locks/path-NN.lock  one of PATH_LOCK_STRIPES lock files, never removed: see "Deleting" below
     audio/<id>.mp3  a conversation whose id is plain ASCII letters, digits, '_' and '-'
     audio/_/<sha256 of id>.mp3   any other id, so no id can name a path outside the data dir
 
@@ -13,6 +14,19 @@ the rename keeps that doubt on disk: at start-up `settle_claims` takes every cla
 its file only if a committed record says so; `clean_temp` then removes the temp files no live process holds. A
 process that dies, even by SIGKILL, drops its locks; one that is alive (another replica, worker or the
 reconciler, sharing the data dir) keeps them, so its work in progress is never touched.
+
+Deleting. A conversation's audio always lives at the same path, so a deleter (purge) that decides after its own
+commit to remove `audio/<id>.mp3` could remove a newer file that another transaction put there meanwhile and that a
+committed record now claims. Hence every change at a path happens under that path's lock (flock on one of
+PATH_LOCK_STRIPES files, chosen by the path's hash): a writer holds it from before its rename until its transaction
+has committed or failed (`TempBlob.commit` to `Claim.settle`/`release`); a deleter takes it, then asks the
+database whether a committed record claims the path, and unlinks only if none does (`remove_unclaimed`). A writer
+in flight makes the deleter wait for its commit, after which its record claims the file; a writer that comes later
+renames its file after the unlink. Lock order: a writer takes the path lock inside its transaction but before it
+locks the conversation's row (commit() before record.store.apply), so two writers of one stripe never wait for
+each other's row; on SQLite, whose writers hold the database's one write lock for their whole transaction, the
+deleter also checks from inside a write transaction (so it cannot wait for a writer that waits for it). Where the
+file system has no locks, nothing guards the path and a purge racing a write can lose that write.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 STALE_TEMP_SECONDS = 3600
 TEMP_SUFFIX = ".part"
 CLAIM_SUFFIX = ".claim"
+PATH_LOCK_STRIPES = 64  # paths share lock files: few files, and two writes rarely wait on the same one
 
 
 def audio_relpath(conversation_id: str) -> str:
@@ -52,12 +67,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Claim:
-    """A locked note in tmp/: a file was put at `relpath` by a transaction that has not committed yet."""
+class PathLock:
+    """The lock of one audio path (shared with the paths of the same stripe), held until `release()`."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops its flock
+            self._fd = -1
+
+    def __enter__(self) -> PathLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Claim:
+    """A locked note in tmp/: a file was put at `relpath` by a transaction that has not committed yet. It holds
+    the path's lock too, so that no deleter decides about the path before that transaction's outcome is known."""
+
+    def __init__(self, fd: int, path: Path, path_lock: PathLock) -> None:
         self._fd = fd
         self.path = path
+        self._path_lock = path_lock
 
     def settle(self) -> None:
         """The transaction committed: the note is no longer needed."""
@@ -71,6 +106,7 @@ class Claim:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._path_lock.release()
 
 
 class TempBlob:
@@ -106,7 +142,12 @@ class TempBlob:
         final = self._store.root / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
         self.sync()
-        self._claim = self._store.claim(relpath, os.fstat(self._file.fileno()).st_ino)
+        path_lock = self._store.lock_path(relpath)  # waits while a purge decides about this path
+        try:
+            self._claim = self._store.claim(relpath, os.fstat(self._file.fileno()).st_ino, path_lock)
+        except BaseException:
+            path_lock.release()
+            raise
         os.replace(self.path, final)
         self._committed = True
         _fsync_dir(final.parent)
@@ -133,15 +174,51 @@ class BlobStore:
     def temp_dir(self) -> Path:
         return self.root / "tmp"
 
+    def probe(self) -> None:
+        """Raise OSError unless a file can be created in the data dir now (it is gone, read-only, out of inodes).
+        The file has no name (O_TMPFILE where there is one) and is gone when closed: nothing to clean up."""
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.temp_dir):
+            pass
+
     def open_temp(self) -> TempBlob:
         """A new locked temp file. Raises OSError when the data dir cannot take it (full, read-only, gone)."""
         fd, path = _create_locked(self.temp_dir, TEMP_SUFFIX)
         return TempBlob(self, os.fdopen(fd, "wb"), path)
 
-    def claim(self, relpath: str, inode: int) -> Claim:
+    def claim(self, relpath: str, inode: int, path_lock: PathLock) -> Claim:
         """Note, durably and before it happens, that the file `inode` is about to be put at `relpath`."""
         fd, path = _create_locked(self.temp_dir, CLAIM_SUFFIX, f"{relpath}\n{inode}\n".encode())
-        return Claim(fd, path)
+        return Claim(fd, path, path_lock)
+
+    def lock_path(self, relpath: str) -> PathLock:
+        """Wait for, then hold, the lock of `relpath` (see "Deleting" in the module's docstring)."""
+        lock_file = self.path_lock_file(relpath)
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):  # no locks on some network file systems: nothing to hold
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return PathLock(fd)
+
+    def path_lock_file(self, relpath: str) -> Path:
+        """The file whose flock guards `relpath`: one of PATH_LOCK_STRIPES, by the path's hash."""
+        digest = hashlib.sha256(relpath.encode("utf-8", "surrogatepass")).digest()
+        return self.root / "locks" / f"path-{int.from_bytes(digest[:4], 'big') % PATH_LOCK_STRIPES:02d}.lock"
+
+    def remove_unclaimed(self, relpath: str, is_claimed: Callable[[str], bool]) -> bool | None:
+        """Remove the file at `relpath` unless a committed record claims it, deciding under the path's lock.
+
+        True: removed; False: it was already gone; None: kept, because a write committed since the caller's
+        decision put a file there that a record claims. `is_claimed` must read committed data (on SQLite, from
+        inside a write transaction: see the module's docstring)."""
+        with self.lock_path(relpath):
+            if is_claimed(relpath):
+                return None
+            try:
+                self.path_of(relpath).unlink()
+            except FileNotFoundError:
+                return False
+            return True
 
     def settle_claims(self, is_claimed: Callable[[str], bool], older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
         """Settle the claims of writers that died before their commit: each file stays only if `is_claimed(relpath)`
@@ -182,9 +259,6 @@ class BlobStore:
         if not path.is_relative_to(self.root.resolve()):
             raise ValueError("blob path escapes the data dir")
         return path
-
-    def delete(self, relpath: str) -> None:
-        self.path_of(relpath).unlink(missing_ok=True)
 
     def clean_temp(self, older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
         """Remove temp files left by a crash: every `.part` file no live process holds locked, whatever its age.

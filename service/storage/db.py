@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -24,6 +25,12 @@ PG_STATEMENT_TIMEOUT_MS = 10_000
 
 class StoreUnavailable(Exception):
     """The database (or the disk under it) cannot take the write now; the caller answers 503."""
+
+
+class StoreRefused(Exception):
+    """The database refused what this one write holds — a value too wide for an index entry, out of range, not
+    valid text — so trying again cannot help: the caller answers 400. Unlike StoreUnavailable it is the
+    request's failure only: the group-commit writer then commits the rest of the batch without it."""
 
 
 def is_sqlite(url: str | sa.URL) -> bool:
@@ -91,10 +98,30 @@ def unavailable_as_store_error() -> Iterator[None]:
     """Turn 'the database or disk cannot be reached' into StoreUnavailable; let real bugs through."""
     try:
         yield
-    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
-        raise StoreUnavailable(type(exc.orig or exc).__name__ if hasattr(exc, "orig") else str(exc)) from exc
+    except sa.exc.DBAPIError as exc:
+        reason = type(exc.orig or exc).__name__
+        if _refuses_the_data(exc):
+            raise StoreRefused(reason) from exc
+        if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+            raise StoreUnavailable(reason) from exc
+        raise
+    except sa.exc.TimeoutError as exc:
+        raise StoreUnavailable(str(exc)) from exc
     except OSError as exc:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc.strerror}") from exc
+
+
+# SQLSTATE classes that blame the statement's values, not the server: 22 data exception, 54 program limit
+# exceeded. psycopg raises class 54 (an index entry over 2,704 bytes) as an OperationalError, the class that
+# otherwise means the server is unreachable, so the code is what tells them apart.
+_REFUSAL_CLASSES = ("22", "54")
+
+
+def _refuses_the_data(exc: sa.exc.DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in _REFUSAL_CLASSES
+    return isinstance(exc, sa.exc.DataError)
 
 
 # What `transaction()` runs once it has committed: how a file put in place inside a transaction learns that the
@@ -123,6 +150,18 @@ def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     for callback in pending:
         callback()
     return result
+
+
+def database_dir(engine: Engine) -> Path | None:
+    """The directory of an SQLite database file, where it and its WAL grow; None for PostgreSQL or in memory."""
+    if not is_sqlite(engine.url) or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(engine.url.database).expanduser().resolve().parent
+
+
+async def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """`transaction` on a worker thread, for async callers: the drivers are synchronous."""
+    return await anyio.to_thread.run_sync(transaction, engine, work)
 
 
 def ping(engine: Engine) -> None:

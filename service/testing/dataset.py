@@ -122,11 +122,10 @@ class FakeConversation:
         return f"The caller tested {self.conversation_id}."
 
 
-def new_conversation_id(rng: random.Random | None = None) -> str:
-    """`conv_` and 26 lower-case letters and digits, like ElevenLabs' ids."""
-    if rng is None:
-        return "conv_" + "".join(secrets.choice(_ALNUM) for _ in range(26))
-    return "conv_" + "".join(rng.choice(_ALNUM) for _ in range(26))
+def new_conversation_id(rng: random.Random | None = None, tag: str = "") -> str:
+    """`conv_` and 26 lower-case letters and digits, like ElevenLabs' ids; the first ones are `tag` when given."""
+    choice = secrets.choice if rng is None else rng.choice
+    return "conv_" + tag + "".join(choice(_ALNUM) for _ in range(26 - len(tag)))
 
 
 def seed_conversations(

@@ -16,10 +16,10 @@ It answers what postcall calls, shaped like ElevenLabs' models:
 Every request needs the `xi-api-key` it was built with (else 401) and is logged in `calls` (time, path, query,
 status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
 for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
-or `stall` for chosen kinds), with a body cut off (`truncate`), with a list cursor that repeats
-(`repeat_cursors`) or is new each time and never ends (`endless_cursors`), with an agent list of any bytes
-(`agents_body`), with summaries that lack their start time (`summaries_without_start`), and keeps conversations
-`processing` until a test finishes them (`set_status`).
+or `stall` for chosen kinds), with a body cut off (`truncate`) or replaced (`answer_with`), with a list cursor that
+repeats (`repeat_cursors`) or is new each time and never ends (`endless_cursors`), with summaries that lack their
+start time (`summaries_without_start`), and keeps conversations `processing` until a test finishes them
+(`set_status`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -41,7 +41,8 @@ Python API, for tests and for the session broker's tests:
         platform.stall(2.0, None, kinds={"list"})   # list requests wait 2 s before answering, until clear_faults()
         platform.repeat_cursors = True              # a list page asked for with a cursor hands that cursor back
         platform.endless_cursors = True             # every list page says has_more, under a cursor never seen yet
-        platform.agents_body = b'{"agents": ["a"]}' # the agent list answers exactly these bytes (200, JSON)
+        platform.answer_with({}, 1, kinds={"list"}) # the next list answer is 200 with this JSON instead of a page
+                                                    # (or this Response, as it stands)
         platform.clear_faults()                     # every fault above (and throttles) off
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
@@ -107,6 +108,7 @@ class _Fault:
     status: int = 500  # for `fail`
     abort: bool = False  # for `truncate`
     seconds: float = 0.0  # for `stall`
+    body: Any = None  # for `answer_with`
 
     def take(self, kind: str) -> bool:
         """Whether this fault applies to a request of `kind`; counts it down if so."""
@@ -145,7 +147,6 @@ class FakePlatform:
     log_calls: bool = True  # off for benchmarks with very many calls
     repeat_cursors: bool = False  # a list page asked for with a cursor answers has_more with that same cursor
     endless_cursors: bool = False  # every list page answers has_more with a new cursor (its first page again)
-    agents_body: bytes | None = None  # when set, the agent list's answer: a malformed or hostile list
     summaries_without_start: set[str] = field(default_factory=set)  # ids listed without start_time_unix_secs
 
     def __post_init__(self) -> None:
@@ -156,6 +157,7 @@ class FakePlatform:
         self._throttles: list[_Throttle] = []
         self._failures: list[_Fault] = []
         self._truncations: list[_Fault] = []
+        self._replacements: list[_Fault] = []
         self._stalls: list[_Fault] = []
         self._unstall = threading.Event()  # set by `clear_faults()`: the stalls in progress end with it
         self._agents = list(self.agents)
@@ -284,21 +286,27 @@ class FakePlatform:
         with self._lock:
             self._truncations.append(_Fault(times, _kinds(kinds), abort=abort))
 
+    def answer_with(self, body: Any, times: int | None, kinds: Iterable[str] | None = None) -> None:
+        """The next `times` answers that would be 200 (of `kinds`) are 200 with `body` as JSON instead (bytes are
+        sent as they are): an API that answers, but not with what it documents."""
+        with self._lock:
+            self._replacements.append(_Fault(times, _kinds(kinds), body=body))
+
     def stall(self, seconds: float, times: int | None, kinds: Iterable[str] | None = None) -> None:
         """The next `times` requests (of `kinds`) wait `seconds` before they are answered: a client timeout."""
         with self._lock:
             self._stalls.append(_Fault(times, _kinds(kinds), seconds=seconds))
 
     def clear_faults(self) -> None:
-        """Every on-demand fault off: throttles, failures, truncations, stalls, repeating cursors, agent bodies."""
+        """Every on-demand fault off: throttles, failures, truncations, replacements, stalls, odd cursors."""
         with self._lock:
             self._throttles.clear()
             self._failures.clear()
             self._truncations.clear()
+            self._replacements.clear()
             self._stalls.clear()
             self.repeat_cursors = False
             self.endless_cursors = False
-            self.agents_body = None
             self._unstall.set()
             self._unstall = threading.Event()
 
@@ -425,7 +433,13 @@ class FakePlatform:
         if response.status_code != 200:
             return response
         with self._lock:
-            fault = next((t for t in self._truncations if t.take(kind)), None)
+            replacement = next((r for r in self._replacements if r.take(kind)), None)
+            fault = None if replacement else next((t for t in self._truncations if t.take(kind)), None)
+        if replacement is not None:
+            body = replacement.body
+            if isinstance(body, Response):
+                return body
+            return Response(body, media_type="application/json") if isinstance(body, bytes) else _json(body)
         if fault is None:
             return response
         if fault.abort:
@@ -435,8 +449,6 @@ class FakePlatform:
     # --- handlers (run under no lock of the caller; each takes the lock for its read) ---------------------------
 
     def _agents_page(self, request: Request) -> Response:
-        if self.agents_body is not None:
-            return Response(self.agents_body, media_type="application/json")
         size = _page_size(request)
         if isinstance(size, Response):
             return size

@@ -8,9 +8,10 @@ find in the read API (`?agent_id=agent_postcall_test`) and to tell apart from re
 from __future__ import annotations
 
 import base64
-import secrets
 from enum import StrEnum
 from typing import Any
+
+from service.testing.dataset import new_conversation_id
 
 TEST_AGENT_ID = "agent_postcall_test"
 TEST_USER_ID = "postcall-send-test-webhook"
@@ -22,9 +23,9 @@ class SampleType(StrEnum):
     FAILURE = "failure"
 
 
-def new_conversation_id() -> str:
-    # ElevenLabs ids are `conv_` plus 26 lower-case alphanumerics; ours say "test" so nobody mistakes them.
-    return f"conv_test{secrets.token_hex(11)}"
+def new_sample_id() -> str:
+    # ElevenLabs-shaped, but starting with "test" so nobody mistakes a sample for a real conversation.
+    return new_conversation_id(tag="test")
 
 
 def sample_event(kind: SampleType, conversation_id: str, now: int) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""The HTTP side: the Starlette app factory, its routes and the one place errors become answers."""
+"""The app shell: the Starlette app factory, its lifespan and state, errors become answers, health and metrics."""

@@ -11,7 +11,7 @@ import anyio.to_thread
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from service.api import openapi
 from service.api import routes as api_routes
@@ -26,6 +26,7 @@ from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
 from service.webhook import routes as webhook_routes
 from service.webhook.body import DEFAULT_PACE, Pace
+from service.webhook.pending import PendingBudget
 from service.webhook.writer import BatchWriter
 
 log = logging.getLogger("postcall.app")
@@ -47,28 +48,35 @@ def create_app(
         db = create_engine(settings.database_url) if engine is None else engine
         blobs = BlobStore(settings.data_dir)
         await anyio.to_thread.run_sync(_tidy_data_dir, blobs, db)
-        elevenlabs = sessions.elevenlabs_client(settings.elevenlabs_base_url)
+        elevenlabs = sessions.elevenlabs_client(settings)
         writer = BatchWriter(db)
         writer.start()
-        app.state.postcall = AppState(
-            settings=settings,
+        webhooks = webhook_routes.Receiver(
+            secrets=[secret.get_secret_value().encode() for secret in settings.webhook_secrets],
+            tolerance_seconds=settings.webhook_tolerance_seconds,
+            max_body_bytes=settings.max_body_bytes,
             engine=db,
             blobs=blobs,
-            clock=clock,
-            elevenlabs=elevenlabs,
             writer=writer,
+            pending=PendingBudget(settings.max_pending_bytes),
+            count=app_metrics.webhook,
+            clock=clock,
             pace=pace,
+        )
+        app.state.postcall = AppState(
+            settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs, webhooks=webhooks
         )
         try:
             yield
         finally:
             await anyio.to_thread.run_sync(writer.stop)
-            await elevenlabs.aclose()
+            if elevenlabs is not None:
+                await elevenlabs.aclose()
             if own_engine:
                 db.dispose()
 
     routes: list[BaseRoute] = [
-        *webhook_routes.routes(),
+        *webhook_routes.routes(lambda: _state(app).webhooks),
         *broker_routes.routes(),
         *api_routes.routes(),
         *health.routes(),
@@ -77,13 +85,15 @@ def create_app(
     ]
     # Per app, never prometheus' global registry: tests build many apps in one process.
     app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
-    webhook_paths = frozenset(route.path for route in webhook_routes.routes() if isinstance(route, Route))
+    webhook_paths = frozenset({webhook_routes.PATH})
     app = Starlette(
         routes=routes,
         middleware=[Middleware(metrics.MetricsMiddleware, metrics=app_metrics, webhook_paths=webhook_paths)],
         exception_handlers={**EXCEPTION_HANDLERS, Exception: unexpected},
         lifespan=lifespan,
     )
+    # A trailing slash is a 404, not a 307 whose Location is built from the client's own Host header.
+    app.router.redirect_slashes = False
     app.state.metrics = app_metrics
     return app
 
@@ -96,6 +106,11 @@ def _tidy_data_dir(blobs: BlobStore, engine: Engine) -> None:
     except StoreUnavailable as exc:
         log.warning("audio of interrupted writes left for the next start: database unavailable (%s)", exc)
     blobs.clean_temp()
+
+
+def _state(app: Starlette) -> AppState:
+    state: AppState = app.state.postcall
+    return state
 
 
 def _running_engine(app: Starlette) -> Engine | None:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from service import elevenlabs
 from service.api.auth import ApiDisabled, Unauthorized
 from service.api.query_params import QueryError
 from service.api.routes import NotFound, RangeNotSatisfiable
-from service.broker.sessions import BrokerNotConfigured, InvalidSessionRequest, UpstreamError, UpstreamKind
+from service.broker.sessions import BrokerNotConfigured, InvalidSessionRequest
 from service.record.payloads import PayloadError
-from service.storage.db import StoreUnavailable
+from service.storage.db import StoreRefused, StoreUnavailable
 from service.webhook.body import BodyTooLarge, BodyTooSlow
+from service.webhook.pending import PendingFull
 from service.webhook.signature import SignatureError
 
 log = logging.getLogger("postcall.web")
@@ -46,6 +49,11 @@ async def body_too_slow(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "body arrived too slowly"}, status_code=408, headers={"Connection": "close"})
 
 
+async def pending_full(request: Request, exc: Exception) -> Response:
+    log.warning("webhook refused: bodies not yet verified hold POSTCALL_MAX_PENDING_BYTES of disk already")
+    return error(503, "too many webhook bodies in progress, try again later")
+
+
 async def client_disconnected(request: Request, exc: Exception) -> Response:
     # The sender hung up mid-body: nothing was stored and nobody is left to answer. Not a server error; 499 is
     # the status proxies log for it, and what the metrics count.
@@ -58,6 +66,11 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
     return error(503, "storage unavailable, try again later")
 
 
+async def store_refused(request: Request, exc: Exception) -> Response:
+    log.warning("write refused by the database: %s", exc)
+    return error(400, "a value in this request cannot be stored")
+
+
 async def invalid_session_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidSessionRequest)
     return error(422, f"{exc.field} {exc.message}", field=exc.field)
@@ -68,21 +81,39 @@ async def broker_not_configured(request: Request, exc: Exception) -> Response:
     return error(503, str(exc))
 
 
-UPSTREAM_ANSWERS = {
-    UpstreamKind.REJECTED: (502, "ElevenLabs refused the request"),
-    UpstreamKind.NOT_FOUND: (404, "ElevenLabs does not know this agent or branch"),
-    UpstreamKind.UNAVAILABLE: (503, "ElevenLabs is unavailable, try again later"),
-    UpstreamKind.BAD_ANSWER: (502, "ElevenLabs gave an answer postcall cannot read"),
-}
+# A Retry-After passed on to broker callers: whole seconds up to an hour; anything else ElevenLabs sends is omitted.
+MAX_RETRY_AFTER_SECONDS = 3600
 
 
-async def upstream_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, UpstreamError)
-    status, message = UPSTREAM_ANSWERS[exc.kind]
-    log.warning("ElevenLabs %s (%s): %s", exc.kind.value, exc.upstream_status, exc.reason)
-    answer = error(status, f"{message}: {exc.reason}", upstream_status=exc.upstream_status, upstream_reason=exc.reason)
-    if exc.retry_after is not None and status == 503:
-        answer.headers["Retry-After"] = exc.retry_after
+def upstream_answer(exc: elevenlabs.ElevenLabsError) -> tuple[int, str]:
+    """The broker's answer to a failed ElevenLabs call (PRODUCT.md): a refusal 502, 404 404, 429/5xx or no answer
+    503, an answer postcall cannot read 502."""
+    if isinstance(exc, elevenlabs.NotFound):
+        return 404, "ElevenLabs does not know this agent or branch"
+    if isinstance(exc, elevenlabs.Unreachable) or (isinstance(exc, elevenlabs.ApiError) and exc.retryable):
+        return 503, "ElevenLabs is unavailable, try again later"
+    if isinstance(exc, elevenlabs.BadAnswer):
+        return 502, "ElevenLabs gave an answer postcall cannot read"
+    return 502, "ElevenLabs refused the request"
+
+
+def retry_after_header(exc: elevenlabs.ElevenLabsError) -> str | None:
+    """The upstream's Retry-After as whole seconds when it is one a caller can use; None otherwise (absent,
+    unreadable — the client reads only digits and HTTP dates — or longer than an hour)."""
+    seconds = exc.retry_after if isinstance(exc, elevenlabs.ApiError) else None
+    if seconds is None or seconds > MAX_RETRY_AFTER_SECONDS:
+        return None
+    return str(math.ceil(seconds))
+
+
+async def elevenlabs_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, elevenlabs.ElevenLabsError)
+    status, message = upstream_answer(exc)
+    log.warning("ElevenLabs failed a session (answered %d): %s", status, exc)
+    answer = error(status, f"{message}: {exc.reason}", upstream_status=exc.status, upstream_reason=exc.reason)
+    retry_after = retry_after_header(exc) if status == 503 else None
+    if retry_after is not None:
+        answer.headers["Retry-After"] = retry_after
     return answer
 
 
@@ -131,8 +162,10 @@ EXCEPTION_HANDLERS = {
     PayloadError: payload_error,
     BodyTooLarge: body_too_large,
     BodyTooSlow: body_too_slow,
+    PendingFull: pending_full,
     ClientDisconnect: client_disconnected,
     StoreUnavailable: store_unavailable,
+    StoreRefused: store_refused,
     HTTPException: http_exception,
     QueryError: query_error,
     NotFound: not_found,
@@ -141,5 +174,5 @@ EXCEPTION_HANDLERS = {
     ApiDisabled: api_disabled,
     InvalidSessionRequest: invalid_session_request,
     BrokerNotConfigured: broker_not_configured,
-    UpstreamError: upstream_error,
+    elevenlabs.ElevenLabsError: elevenlabs_error,
 }

@@ -24,7 +24,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.reads import count_conversations
-from service.record import payloads
 from service.storage.db import StoreUnavailable, unavailable_as_store_error
 from service.storage.tables import ReconcileRun
 
@@ -43,12 +42,6 @@ REFUSALS = {
 }
 
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
-
-
-def webhook_type_label(payload: Any) -> str:
-    """The event type as a label: one of the known types or "other", so senders cannot grow the series."""
-    event_type = payload.get("type") if isinstance(payload, Mapping) else None
-    return event_type if event_type in payloads.KNOWN_TYPES else "other"
 
 
 class Metrics:

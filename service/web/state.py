@@ -5,20 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-import anyio.to_thread
-import httpx
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from starlette.requests import Request
 
 from service.config import Settings
+from service.elevenlabs import ElevenLabsClient
 from service.storage.audio import BlobStore
-from service.storage.db import transaction
-from service.webhook.body import DEFAULT_PACE, Pace
-from service.webhook.writer import BatchWriter
-
-T = TypeVar("T")
+from service.webhook.routes import Receiver
 
 
 @dataclass
@@ -27,17 +21,8 @@ class AppState:
     engine: Engine
     blobs: BlobStore
     clock: Callable[[], float] = field(default=time.time)
-    elevenlabs: httpx.AsyncClient = field(kw_only=True)  # the session broker's client, closed by the lifespan
-    writer: BatchWriter = field(kw_only=True)  # group commit for webhook deliveries, stopped by the lifespan
-    pace: Pace = field(default=DEFAULT_PACE, kw_only=True)  # how slowly a webhook body may arrive
-    webhook_secrets: list[bytes] = field(init=False)  # encoded once: every webhook needs them
-
-    def __post_init__(self) -> None:
-        self.webhook_secrets = [secret.get_secret_value().encode() for secret in self.settings.webhook_secrets]
-
-    async def write(self, work: Callable[[Connection], T]) -> T:
-        """Run `work` in one database transaction on a worker thread (the drivers are synchronous)."""
-        return await anyio.to_thread.run_sync(transaction, self.engine, work)
+    elevenlabs: ElevenLabsClient | None = field(kw_only=True)  # the broker's (None: no key); lifespan closes it
+    webhooks: Receiver = field(kw_only=True)  # the webhook route's own parts; the lifespan stops its writer
 
 
 def app_state(request: Request) -> AppState:

@@ -1,0 +1,1 @@
+"""`POST /webhooks/elevenlabs`: the signature, reading and pacing the body, the audio splitter, group commit."""

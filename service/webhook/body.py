@@ -1,17 +1,25 @@
-"""Reading one webhook body as it streams: size limit, incremental HMAC and hash, audio split off to disk.
+"""Reading one webhook body as it streams: size limit, pace, incremental HMAC and hash, and where it waits.
 
-Small bodies (every transcription and failure event) stay in memory and are parsed whole. Once a body
-outgrows SMALL_BODY_BYTES it is treated as what it almost surely is, an audio event: from then on the
-`data.full_audio` text is decoded to a temp file in the blob store as it arrives, so memory stays bounded
-however large the audio is. Nothing here knows about HTTP.
+Nothing of a body is trusted, parsed or decoded before its signature (an HMAC over the whole body, known only at
+its last byte) is checked, and what a body holds meanwhile is bounded (see pending.py):
+- a small body (at most SMALL_BODY_BYTES: every transcription and failure event) waits in memory and is parsed
+  whole once verified, the fast path;
+- a larger one, almost surely an audio event, waits in an anonymous temp file in the data dir's tmp/ while it is
+  hashed. Once verified, that file is read back through the audio splitter: `data.full_audio` is decoded in
+  chunks into a temp file of the blob store, the rest is parsed. A forged body is never decoded, and its file,
+  having no name, is gone as soon as it is closed, even if the process is killed.
+So memory stays flat however large the body, and a forgery costs its sender as much disk as it costs us, up to
+POSTCALL_MAX_PENDING_BYTES for all of them together. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import anyio.to_thread
@@ -22,12 +30,14 @@ from service.record.payloads import PayloadError, may_hold_nul, without_nul
 from service.storage.audio import BlobStore, TempBlob
 from service.storage.db import StoreUnavailable
 from service.webhook.audio_splitter import AudioSplitter, Base64Decoder, StreamFormatError
+from service.webhook.pending import Hold, PendingBudget
 from service.webhook.signature import BodyVerifier, SignatureHeader
 
 SMALL_BODY_BYTES = 1 << 20
-# Large bodies are handed to a worker thread in batches of this size: big enough that thread hops are rare,
-# small enough that memory stays flat.
+# A large body is handed to a worker thread in batches of this size: big enough that thread hops are rare,
+# small enough that memory stays flat. The pending memory budget can make a batch smaller, never larger.
 BATCH_BYTES = 1 << 20
+NO_AUDIO = "post_call_audio has no data.full_audio"
 
 
 _LINE_BREAKS = str.maketrans("", "", "\n\r\t")
@@ -74,103 +84,152 @@ class ReceivedBody:
             self.audio = None
 
 
-class _Streaming:
-    """The large-body path: signature, hash and audio split computed off the event loop, batch by batch."""
+class _Spill:
+    """A large body waiting for its signature check in an anonymous temp file, hashed as it is written."""
 
     def __init__(self, verifier: BodyVerifier, digest: Any, blobs: BlobStore) -> None:
         self.verifier = verifier
         self.digest = digest
-        self.blob = blobs.open_temp()
-        self.decoder = Base64Decoder(self.blob.write)
-        self.splitter = AudioSplitter(self.decoder.feed)
-        self.unreadable: StreamFormatError | None = None
+        blobs.temp_dir.mkdir(parents=True, exist_ok=True)
+        # No name: nothing can find it, and the kernel frees it when it is closed, whatever ends the process.
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=blobs.temp_dir)  # noqa: SIM115 (closed by close())
 
-    def feed(self, data: bytes) -> None:
-        self.verifier.update(data)
-        self.digest.update(data)
-        if self.unreadable is None:
-            try:
-                self.splitter.feed(data)
-            except StreamFormatError as exc:
-                # Not an answer yet: whether this is a 400 or a forgery (401) is known only once the whole body
-                # is hashed. Stop splitting, keep verifying.
-                self.unreadable = exc
+    def write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.verifier.update(piece)
+            self.digest.update(piece)
+            self.file.write(piece)
+
+    def close(self) -> None:
+        # Flushing the last bytes may fail (disk full); the descriptor is closed regardless.
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+
+class _Arrival:
+    """A body as it arrives: in memory while it is small and the memory budget allows, else spilled to disk."""
+
+    def __init__(self, verifier: BodyVerifier, digest: Any, blobs: BlobStore, hold: Hold) -> None:
+        self.verifier = verifier
+        self.digest = digest
+        self.blobs = blobs
+        self.hold = hold
+        self.pieces: list[bytes] = []  # what arrived and is not on disk yet
+        self.in_memory = 0
+        self.spill: _Spill | None = None
+        self.size = 0
+
+    async def take(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self.pieces.append(chunk)
+        self.in_memory += len(chunk)
+        if self.spill is None:
+            if self.size <= SMALL_BODY_BYTES and self.hold.try_memory(self.size):
+                return
+            await self.to_disk()
+        self.hold.cover_disk(self.size)
+        if self.in_memory >= BATCH_BYTES or not self.hold.try_memory(self.in_memory):
+            await self.flush()
+
+    async def to_disk(self) -> None:
+        """Hold what has arrived on the pending disk (PendingFull if it is spent), then open the spill file."""
+        self.hold.cover_disk(self.size)
+        self.spill = await anyio.to_thread.run_sync(_Spill, self.verifier, self.digest, self.blobs)
+
+    async def flush(self) -> None:
+        assert self.spill is not None
+        if self.pieces:
+            await anyio.to_thread.run_sync(self.spill.write, self.pieces)
+            self.pieces = []
+            self.in_memory = 0
+        self.hold.try_memory(0)
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
 
 
 async def read_body(
     chunks: AsyncIterator[bytes],
     header: SignatureHeader,
     secrets: Sequence[bytes],
-    max_bytes: int,
     blobs: BlobStore,
+    *,
+    max_bytes: int,
+    pending: PendingBudget,
+    declared: int | None = None,
     pace: Pace = DEFAULT_PACE,
 ) -> ReceivedBody:
-    """Read and verify the body. Raises SignatureError, BodyTooLarge, BodyTooSlow, PayloadError or
-    StoreUnavailable; on any error nothing is left behind in the blob store."""
-    verifier = BodyVerifier(header, secrets)
-    digest = hashlib.sha256()
-    buffer = bytearray()
-    streaming: _Streaming | None = None
-    size = 0
+    """Read and verify the body, then parse it. `declared` is the Content-Length, if the sender gave one: a large
+    body that does not fit in the pending disk free now is then refused before any of it is read.
+
+    Raises SignatureError, BodyTooLarge, BodyTooSlow, PendingFull, PayloadError or StoreUnavailable; on any error
+    nothing is left behind in the data dir."""
+    hold = pending.hold()
+    arrival = _Arrival(BodyVerifier(header, secrets), hashlib.sha256(), blobs, hold)
     try:
-        # One cancel scope whose deadline moves on with every chunk: a scope per chunk cost more than the HMAC.
-        with anyio.CancelScope() as pacing:
-            started = anyio.current_time()
-            pacing.deadline = started + pace.allowance(0)
-            async for chunk in chunks:
-                size += len(chunk)
-                pacing.deadline = started + pace.allowance(size)
-                if size > max_bytes:
-                    raise BodyTooLarge()
-                buffer += chunk
-                if streaming is None and len(buffer) <= SMALL_BODY_BYTES:
-                    continue
-                if streaming is None:
-                    streaming = await anyio.to_thread.run_sync(_Streaming, verifier, digest, blobs)
-                if len(buffer) >= BATCH_BYTES:
-                    await anyio.to_thread.run_sync(streaming.feed, bytes(buffer))
-                    buffer.clear()
-        if pacing.cancelled_caught:
-            raise BodyTooSlow()
-        if streaming is None:
-            return _small_body(bytes(buffer), verifier, digest)
-        if buffer:
-            await anyio.to_thread.run_sync(streaming.feed, bytes(buffer))
-        return await anyio.to_thread.run_sync(_finish_streaming, streaming, size)
-    except OSError as exc:  # the temp file could not be written: disk full, data dir unwritable
-        _discard(streaming)
+        if declared is not None and declared > SMALL_BODY_BYTES:
+            hold.admit(declared)
+        await _arrive(arrival, chunks, max_bytes, pace)
+        if arrival.spill is None:
+            body = b"".join(arrival.pieces)
+            arrival.verifier.update(body)
+            arrival.verifier.verify()
+            hold.release()
+            return _small_body(body, arrival.digest)
+        await arrival.flush()
+        await anyio.to_thread.run_sync(arrival.verifier.verify)
+        hold.release()  # verified: from here on the body is ElevenLabs', no longer pending
+        return await anyio.to_thread.run_sync(_unpack, arrival.spill.file, arrival.digest, arrival.size, blobs)
+    except OSError as exc:  # a temp file could not be written: disk full, data dir unwritable
         raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
-    except BaseException:
-        _discard(streaming)
-        raise
+    finally:
+        hold.release()
+        arrival.close()
 
 
-def _discard(streaming: _Streaming | None) -> None:
-    if streaming is not None:
-        streaming.blob.discard()
+async def _arrive(arrival: _Arrival, chunks: AsyncIterator[bytes], max_bytes: int, pace: Pace) -> None:
+    """Take every chunk, within the size limit and the pace."""
+    # One cancel scope whose deadline moves on with every chunk: a scope per chunk cost more than the HMAC.
+    with anyio.CancelScope() as pacing:
+        started = anyio.current_time()
+        pacing.deadline = started + pace.allowance(0)
+        async for chunk in chunks:
+            if arrival.size + len(chunk) > max_bytes:
+                raise BodyTooLarge()
+            pacing.deadline = started + pace.allowance(arrival.size + len(chunk))
+            await arrival.take(chunk)
+    if pacing.cancelled_caught:
+        raise BodyTooSlow()
 
 
-def _small_body(body: bytes, verifier: BodyVerifier, digest: Any) -> ReceivedBody:
-    verifier.update(body)
-    verifier.verify()
+def _small_body(body: bytes, digest: Any) -> ReceivedBody:
     digest.update(body)
     return ReceivedBody(parse_json(body), digest.hexdigest(), len(body), raw=body, audio=None)
 
 
-def _finish_streaming(streaming: _Streaming, size: int) -> ReceivedBody:
-    streaming.verifier.verify()
+def _unpack(raw: IO[bytes], digest: Any, size: int, blobs: BlobStore) -> ReceivedBody:
+    """Split a verified large body, read back from its spill file, into its parsed skeleton and decoded audio."""
+    raw.seek(0)
+    audio = blobs.open_temp()
     try:
-        if streaming.unreadable is not None:
-            raise streaming.unreadable
-        skeleton = streaming.splitter.finish()
-        streaming.decoder.finish()
-    except StreamFormatError as exc:
-        raise PayloadError(str(exc)) from exc
-    payload = parse_json(skeleton)
-    if not streaming.splitter.found_audio:
-        streaming.blob.discard()
-        return ReceivedBody(payload, streaming.digest.hexdigest(), size, raw=skeleton, audio=None)
-    return ReceivedBody(payload, streaming.digest.hexdigest(), size, raw=None, audio=streaming.blob)
+        decoder = Base64Decoder(audio.write)
+        splitter = AudioSplitter(decoder.feed)
+        try:
+            while chunk := raw.read(BATCH_BYTES):
+                splitter.feed(chunk)
+            skeleton = splitter.finish()
+            decoder.finish()
+        except StreamFormatError as exc:
+            raise PayloadError(str(exc)) from exc
+        payload = parse_json(skeleton)
+    except BaseException:
+        audio.discard()
+        raise
+    if not splitter.found_audio:
+        audio.discard()
+        return ReceivedBody(payload, digest.hexdigest(), size, raw=skeleton, audio=None)
+    return ReceivedBody(payload, digest.hexdigest(), size, raw=None, audio=audio)
 
 
 def parse_json(body: bytes) -> Any:
@@ -181,11 +240,21 @@ def parse_json(body: bytes) -> Any:
     return without_nul(payload) if may_hold_nul(body) else payload
 
 
+def audio_of(body: ReceivedBody, data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
+    """The decoded audio of an audio event, whichever path read it. An event without audio is a PayloadError on
+    both paths alike: empty base64 (or only line breaks) decodes to nothing, and a 0-byte file is no recording."""
+    if body.audio is None:  # a small body carried its audio inline
+        body.audio = audio_from_payload(data, blobs)
+    if body.audio.size == 0:
+        raise PayloadError(NO_AUDIO)
+    return body.audio
+
+
 def audio_from_payload(data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
     """A small audio event carries its base64 inline: decode it into a temp file like the streamed path."""
     text = data.get("full_audio")
-    if not isinstance(text, str) or not text:
-        raise PayloadError("post_call_audio has no data.full_audio")
+    if not isinstance(text, str):
+        raise PayloadError(NO_AUDIO)
     try:
         # Line breaks carry no data (the streamed path drops them too): only the base64 alphabet is validated.
         audio = pybase64.b64decode(text.translate(_LINE_BREAKS), validate=True)

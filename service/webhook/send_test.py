@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.testing.samples import SampleType, new_conversation_id, sample_event
+from service.testing.samples import SampleType, new_sample_id, sample_event
 from service.webhook.signature import sign
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/elevenlabs"
@@ -31,7 +31,7 @@ class WebhookAnswer:
 
 def signed_request(kind: SampleType, secret: bytes, now: int) -> tuple[str, bytes, dict[str, str]]:
     """A fresh sample: its conversation id, the exact body bytes and the headers that sign them."""
-    conversation_id = new_conversation_id()
+    conversation_id = new_sample_id()
     body = json.dumps(sample_event(kind, conversation_id, now)).encode()
     headers = {
         "ElevenLabs-Signature": sign(body, secret, now),

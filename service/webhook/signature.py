@@ -92,12 +92,3 @@ def sign(body: bytes, secret: bytes, timestamp: int) -> str:
     """The header ElevenLabs would send for `body`; used by send-test-webhook, the simulator and tests."""
     mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v0={mac.hexdigest()}"
-
-
-def verify(header_value: str | None, body: bytes, secrets: Sequence[bytes], now: float, tolerance: int) -> None:
-    """Parse, check the window and verify a whole body at once."""
-    header = parse_header(header_value)
-    check_timestamp(header, now, tolerance)
-    verifier = BodyVerifier(header, secrets)
-    verifier.update(body)
-    verifier.verify()

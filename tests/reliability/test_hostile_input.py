@@ -9,6 +9,7 @@ The webhook is fuzzed with hypothesis through the real app (Starlette's TestClie
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import time
@@ -55,12 +56,14 @@ def fuzz_settings(max_examples: int) -> Any:
 
 def usable_id(value: Any) -> bool:
     """An id postcall can store under: 1 to 256 printable characters. U+FFFD, what a NUL is replaced by before
-    anything is stored, is refused too: an id that held a NUL is not an id."""
+    anything is stored, is refused too: an id that held a NUL is not an id. So is one holding `/`, which no
+    `/v1/conversations/{id}` could address."""
     return (
         isinstance(value, str)
         and 0 < len(value) <= payloads.MAX_ID_LENGTH
         and value.isprintable()
         and "\ufffd" not in value
+        and "/" not in value
     )
 
 
@@ -533,7 +536,11 @@ def test_a_streamed_body_the_splitter_cannot_read_is_401_if_forged_else_400(box:
 
 
 def test_audio_for_ids_that_name_paths_is_stored_inside_the_data_dir(box: Box) -> None:
-    ids = [f"../../../../{ESCAPE_MARK}", f"../../../../../../{ESCAPE_MARK}", f"/tmp/{ESCAPE_MARK}", "..", "a/../b"]
+    refused = [f"../../../../{ESCAPE_MARK}", f"../../../../../../{ESCAPE_MARK}", f"/tmp/{ESCAPE_MARK}", "a/../b"]
+    for conversation_id in refused:  # an id holding `/` is not an id (issue 18, item 15)
+        body = wh.encode(wh.audio(conversation_id, b"ID3" + conversation_id.encode()))
+        assert box.client.post(URL, content=body, headers=wh.signed_headers(body)).status_code == 400
+    ids = ["..", ".", f"..\\..\\..\\{ESCAPE_MARK}", f"%2e%2e%2f{ESCAPE_MARK}", "~"]
     for conversation_id in ids:
         body = wh.encode(wh.audio(conversation_id, b"ID3" + conversation_id.encode()))
         answer = box.client.post(URL, content=body, headers=wh.signed_headers(body))
@@ -864,7 +871,10 @@ def test_a_real_serve_answers_webhooks_while_200_senders_trickle_their_request_h
         try:
             for _ in range(3):
                 for sock in tricklers:
-                    sock.sendall(b"X-Slow: 1\r\n")
+                    # serve closes a head still incomplete after 10 s (tests/test_serve_limits.py): on a slow
+                    # machine some tricklers may already be gone, which is that limit working.
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"X-Slow: 1\r\n")
                 started = time.monotonic()
                 answer = httpx.post(f"{base_url}{URL}", content=body, headers=wh.signed_headers(body), timeout=30)
                 elapsed = time.monotonic() - started

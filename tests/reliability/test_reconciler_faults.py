@@ -331,9 +331,8 @@ def agent_list(*entries: Any) -> bytes:
 def test_agent_entries_without_a_usable_id_are_skipped_with_a_warning(
     settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
 ) -> None:
-    platform.agents_body = agent_list(
-        {"agent_id": 5}, {"agent_id": None}, {"agent_id": ["agent_b"]}, {"name": "no id"}, {"agent_id": "agent_a"}
-    )
+    unusable = ({"agent_id": 5}, {"agent_id": None}, {"agent_id": ["agent_b"]}, {"name": "no id"})
+    platform.answer_with(agent_list(*unusable, {"agent_id": "agent_a"}), None, kinds={"agents"})
 
     run = reconcile(settings, fake_url, KEY, "--json")
 
@@ -348,7 +347,7 @@ def test_agent_entries_without_a_usable_id_are_skipped_with_a_warning(
 def test_an_agent_list_of_plain_strings_is_a_failed_run_not_a_crash(
     settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
 ) -> None:
-    platform.agents_body = agent_list(*AGENTS)
+    platform.answer_with(agent_list(*AGENTS), None, kinds={"agents"})
 
     run = reconcile(settings, fake_url, KEY, "--json")
 
@@ -361,7 +360,7 @@ def test_a_deeply_nested_answer_is_a_failed_run_not_a_traceback(
     settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
 ) -> None:
     depth = 100_000
-    platform.agents_body = b'{"agents": ' + b"[" * depth + b"]" * depth + b"}"
+    platform.answer_with(b'{"agents": ' + b"[" * depth + b"]" * depth + b"}", None, kinds={"agents"})
 
     run = reconcile(settings, fake_url, KEY, "--json")
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service import elevenlabs
 from service.config import Settings
 from service.web.app import create_app
 from service.webhook.signature import sign
@@ -63,13 +66,14 @@ class EchoingElevenLabs:
 
     status: int = 401
     as_json: bool = True
+    retry_after: str = "0"
     seen_keys: list[str] = field(default_factory=list)
 
     async def answer(self, request: Request) -> Response:
         key = request.headers.get("xi-api-key", "")
         self.seen_keys.append(key)
         echoed = f"Invalid API key {key} (sent to {request.url.path}); headers {dict(request.headers)}"
-        headers = {"retry-after": "0"}
+        headers = {"retry-after": self.retry_after}
         if self.as_json:
             body = {"detail": {"status": "invalid_api_key", "message": echoed}}
             return JSONResponse(body, status_code=self.status, headers=headers)
@@ -77,6 +81,51 @@ class EchoingElevenLabs:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self.answer)])
+
+
+@contextmanager
+def status_line_echo() -> Iterator[str]:
+    """An ElevenLabs that puts the `xi-api-key` it was sent in its status line: `HTTP/1.1 401 Invalid API key <key>`.
+    Raw sockets, because Python's HTTP servers write the standard reason phrase whatever the app wants."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)  # so that the accept loop sees `done`
+    done = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            lines = head.split(b"\r\n")
+            key = next(
+                (line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"xi-api-key:")), b""
+            )
+            body = b"refused"
+            conn.sendall(
+                b"HTTP/1.1 401 Invalid API key " + key + b"\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(10)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        listener.close()
 
 
 # --- `postcall serve` with its logs kept ---------------------------------------------------------------------------
@@ -178,19 +227,16 @@ def refused_sessions(served: Served, upstream: EchoingElevenLabs) -> None:
 def failed_reconciles(settings: Settings, upstream: EchoingElevenLabs) -> list[Run]:
     """`postcall reconcile` meets the same ElevenLabs: a 401 with the key in JSON, a 500 with it in plain text."""
     runs = []
-    elevenlabs.set_testing(True)  # the 500 is retried, with millisecond waits
-    try:
-        for status, as_json in ((401, True), (500, False)):
-            upstream.status, upstream.as_json = status, as_json
-            for args in ((), ("--agent", "agent_secret")):  # the agents listing, then an agent's conversations
-                run = reconcile(settings, settings.elevenlabs_base_url, API_KEY, "--json", *args)
-                assert run.exit_code == 1, run.stderr
-                runs.append(run)
-    finally:
-        elevenlabs.set_testing(False)
+    for status, as_json in ((401, True), (500, False)):
+        upstream.status, upstream.as_json = status, as_json
+        for args in ((), ("--agent", "agent_secret")):  # the agents listing, then an agent's conversations
+            run = reconcile(settings, settings.elevenlabs_base_url, API_KEY, "--json", *args)
+            assert run.exit_code == 1, run.stderr
+            runs.append(run)
     return runs
 
 
+@pytest.mark.usefixtures("tiny_retry_waits")  # reconcile retries the 500s without waiting
 def test_no_secret_reaches_the_logs_error_bodies_read_api_or_metrics_when_everything_fails(tmp_path: Path) -> None:
     upstream = EchoingElevenLabs()
     with live_server(upstream.app()) as upstream_url:
@@ -217,6 +263,60 @@ def test_no_secret_reaches_the_logs_error_bodies_read_api_or_metrics_when_everyt
     for run in runs:
         assert leaks(run.stdout) == [], "in reconcile's summary"
         assert leaks(run.stderr) == [], "in reconcile's logs"
+
+
+@pytest.mark.usefixtures("tiny_retry_waits")
+def test_an_api_key_echoed_in_the_upstream_status_line_reaches_no_log_line_nor_answer(tmp_path: Path) -> None:
+    """httpx logs each request's status line (`HTTP Request: GET … "HTTP/1.1 401 <reason>"`) on its own logger."""
+    with status_line_echo() as upstream_url:
+        settings = settings_for(tmp_path, upstream_url)
+        with serve_with_logs(tmp_path, env_of(settings)) as served:
+            for transport in ("webrtc", "websocket"):
+                body = {"agent_id": "agent_secret", "transport": transport}
+                answer = served.request("POST", "/v1/sessions", json=body, headers=bearer(API_TOKENS[0]))
+                assert answer.status_code == 502, answer.text
+                assert "Invalid API key" in answer.json()["upstream_reason"]
+        run = reconcile(settings, upstream_url, API_KEY, "--json", "--agent", "agent_secret")
+
+    log_text = served.log_path.read_text()
+    assert "HTTP Request: GET" in log_text and "401 Invalid API key" in log_text  # the line was written, masked
+    assert leaks(log_text) == [], "in the serve logs"
+    for answer in served.answers:
+        assert leaks(answer.text) == [] and leaks(str(dict(answer.headers))) == []
+    assert run.exit_code == 1
+    assert leaks(run.stdout) == [] and leaks(run.stderr) == []
+
+
+@pytest.mark.parametrize(
+    ("sent", "passed_on"),
+    [
+        ("7", "7"),
+        ("3600", "3600"),
+        ("3601", None),  # longer than an hour: no wait anyone should be told to sit out
+        ("9" * 5000, None),
+        ("1.5", None),
+        ("-3", None),
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", "0"),  # a date passed already: try again now
+    ],
+    ids=["seconds", "an-hour", "over-an-hour", "5000-digits", "fraction", "negative", "words", "past-date"],
+)
+def test_the_upstream_retry_after_is_passed_on_only_as_sane_whole_seconds(
+    tmp_path: Path, sent: str, passed_on: str | None
+) -> None:
+    upstream = EchoingElevenLabs(status=429, retry_after=sent)
+    with live_server(upstream.app()) as upstream_url, TestClient(create_app(settings_for(tmp_path, upstream_url))) as c:
+        answer = c.post("/v1/sessions", json={"agent_id": "a", "transport": "webrtc"}, headers=bearer(API_TOKENS[0]))
+    assert answer.status_code == 503
+    assert answer.headers.get("retry-after") == passed_on
+
+
+def test_a_retry_after_date_is_passed_on_as_the_seconds_until_it(tmp_path: Path) -> None:
+    upstream = EchoingElevenLabs(status=503, retry_after=format_datetime(datetime.now(UTC) + timedelta(seconds=30)))
+    with live_server(upstream.app()) as upstream_url, TestClient(create_app(settings_for(tmp_path, upstream_url))) as c:
+        answer = c.post("/v1/sessions", json={"agent_id": "a", "transport": "webrtc"}, headers=bearer(API_TOKENS[0]))
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] in {"29", "30"}  # whole seconds, however long the request took
 
 
 # --- constant-time comparisons -------------------------------------------------------------------------------------

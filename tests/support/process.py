@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -70,3 +71,27 @@ def _status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def disk_bytes(root: Path, pid: int | None = None) -> int:
+    """Bytes of the files under `root`, and of those process `pid` holds open there even without a name (a
+    deleted or anonymous temp file takes disk too, though no directory walk sees it)."""
+    sizes: dict[tuple[int, int], int] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue  # removed while we walked
+            sizes[(info.st_dev, info.st_ino)] = info.st_size
+    if pid is not None:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if not os.readlink(fd).startswith(str(root.resolve())):
+                    continue
+                info = os.stat(fd)
+            except FileNotFoundError:
+                continue  # closed while we looked
+            if stat.S_ISREG(info.st_mode):
+                sizes[(info.st_dev, info.st_ino)] = info.st_size
+    return sum(sizes.values())

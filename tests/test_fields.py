@@ -1,0 +1,78 @@
+"""The record's one field list (record/fields.py), its columns (storage/tables.py) and the migrations agree.
+
+The columns are written out in tables.py rather than built from the list, so these tests are what keeps a field, its
+column and the migration that adds it from drifting apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
+
+from service.api import query_params
+from service.record.fields import BY_NAME, FIELDS, Kind, RecordField
+from service.record.merge import CHANNEL
+from service.storage.tables import Conversation, UTCDateTime
+
+conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
+
+# Columns of the table that are not part of the record a user reads: audio bookkeeping, merge state, write time.
+BOOKKEEPING = {"audio_path", "audio_bytes", "first_seen_at", "data_rank", "updated_at"}
+
+FIXED_SQL_TYPES = {  # kind → the column type on (PostgreSQL, SQLite)
+    Kind.INTEGER: ("BIGINT", "BIGINT"),
+    Kind.NUMBER: ("FLOAT", "FLOAT"),
+    Kind.BOOLEAN: ("BOOLEAN", "BOOLEAN"),
+    Kind.OBJECT: ("JSONB", "JSON"),
+    Kind.LIST: ("JSONB", "JSON"),
+    Kind.TIMESTAMP: ("TIMESTAMP WITH TIME ZONE", "DATETIME"),
+}
+
+
+def expected_sql_types(field: RecordField) -> tuple[str, str]:
+    if field.kind is Kind.TEXT:
+        sql = "TEXT" if field.max_length is None else f"VARCHAR({field.max_length})"
+        return sql, sql
+    return FIXED_SQL_TYPES[field.kind]
+
+
+def sql_types(column: sa.Column[object]) -> tuple[str, str]:
+    return column.type.compile(dialect=postgresql.dialect()), column.type.compile(dialect=sqlite.dialect())
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=lambda field: field.name)
+def test_every_field_has_a_column_of_its_kind_bound_and_nullability(field: RecordField) -> None:
+    assert field.name in conversations.c, f"{field.name} has no column in storage/tables.py (and no migration?)"
+    column = conversations.c[field.name]
+    assert sql_types(column) == expected_sql_types(field)
+    assert column.nullable == field.nullable
+    if field.kind is Kind.TIMESTAMP:
+        assert isinstance(column.type, UTCDateTime)  # read back timezone-aware on SQLite too
+
+
+def test_every_column_is_a_field_or_bookkeeping() -> None:
+    assert set(conversations.c.keys()) - {field.name for field in FIELDS} == BOOKKEEPING
+
+
+def test_the_declaration_is_consistent() -> None:
+    names = [field.name for field in FIELDS]
+    assert len(names) == len(set(names))
+    for field in FIELDS:
+        assert field.description
+        assert field.kind is Kind.TEXT or field.max_length is None, f"{field.name}: only text has a bound"
+
+
+def test_first_seen_via_takes_the_channels_merge_writes_and_the_source_filter_accepts() -> None:
+    assert set(BY_NAME["first_seen_via"].choices) == set(CHANNEL.values()) == set(query_params.SOURCES)
+
+
+def test_the_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
+    """What tables.py declares (and so what the field list is pinned to) is what `postcall migrate` builds."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, SQLModel.metadata) == []
