@@ -54,7 +54,7 @@ from service.reconcile.windows import (
 from service.record import fields, payloads, store
 from service.record.merge import Observation, Source, is_final, merge
 from service.storage.audio import BlobStore
-from service.storage.db import StoreUnavailable, transaction, unavailable_as_store_error
+from service.storage.db import StoreUnavailable, run_transaction, unavailable_as_store_error
 
 log = logging.getLogger("postcall.reconcile")
 T = TypeVar("T")
@@ -150,7 +150,7 @@ class Reconciler:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     async def _db(self, work: Callable[[Connection], T]) -> T:
-        return await anyio.to_thread.run_sync(transaction, self.engine, work)
+        return await run_transaction(self.engine, work)
 
     async def run(self, options: Options) -> Report:
         """Raises LeaseHeld before doing anything when another run holds the lease. Any other way a run ends is in
