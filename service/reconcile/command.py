@@ -1,6 +1,6 @@
 """`postcall reconcile` behind the argument parsing: build the parts, run, report, choose the exit status.
 
-Exit statuses (PRODUCT.md): 0 everything stored; 1 anything failed after retries (or the database is down);
+Exit statuses (README, the reconciler): 0 everything stored; 1 anything failed after retries (or the database is down);
 2 usage or configuration errors (the CLI checks the arguments before calling here; a database not migrated is
 checked here); 3 another run holds the lease.
 """

@@ -86,8 +86,8 @@ MAX_RETRY_AFTER_SECONDS = 3600
 
 
 def upstream_answer(exc: elevenlabs.ElevenLabsError) -> tuple[int, str]:
-    """The broker's answer to a failed ElevenLabs call (PRODUCT.md): a refusal 502, 404 404, 429/5xx or no answer
-    503, an answer postcall cannot read 502."""
+    """The broker's answer to a failed ElevenLabs call (see the README's session broker): a refusal 502, 404 404,
+    429/5xx or no answer 503, an answer postcall cannot read 502."""
     if isinstance(exc, elevenlabs.NotFound):
         return 404, "ElevenLabs does not know this agent or branch"
     if isinstance(exc, elevenlabs.Unreachable) or (isinstance(exc, elevenlabs.ApiError) and exc.retryable):

@@ -291,7 +291,7 @@ def large_bodies(draw: st.DrawFn) -> bytes:
     return body[: draw(st.integers(len(body) // 2, len(body) - 1))] if cut else body
 
 
-# --- the oracle: what PRODUCT.md promises for a correctly signed body ------------------------------------------------
+# --- the oracle: what the README promises for a correctly signed body --------------------------------------------
 
 
 LINE_BREAKS = str.maketrans("", "", "\r\n\t")
@@ -318,7 +318,7 @@ def promised_statuses(body: bytes) -> frozenset[int]:
     data = payload.get("data")
     conversation_id = data.get("conversation_id") if isinstance(data, dict) else None
     if payload["type"] not in payloads.KNOWN_TYPES:
-        # PRODUCT.md: another type is archived and answered 200, "never an error". postcall refuses one whose
+        # README: another type is archived and answered 200, "never an error". postcall refuses one whose
         # data.conversation_id is present but unusable (400); the contract does not settle that case.
         return frozenset({200}) if conversation_id is None or usable_id(conversation_id) else frozenset({200, 400})
     if not usable_id(conversation_id):
