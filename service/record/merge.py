@@ -140,8 +140,9 @@ def merge(record: Mapping[str, Any] | None, obs: Observation) -> dict[str, Any]:
     step = _Step(obs, merged["data_rank"])
     if step.replaces and obs.fields:
         merged["data_rank"] = obs.rank
-    for entry in FIELDS:
-        _RULES[entry.rule](merged, entry.name, step)
+    _ranked(merged, step)
+    for apply, name in _OTHER_RULES:
+        apply(merged, name, step)
     return merged
 
 
@@ -167,14 +168,12 @@ def _new_record(obs: Observation) -> dict[str, Any]:
     return record
 
 
-def _unchanged(merged: dict[str, Any], name: str, step: _Step) -> None:
-    """IDENTITY is set with the record; REVISION is counted per transaction (`revised`)."""
-
-
-def _ranked(merged: dict[str, Any], name: str, step: _Step) -> None:
-    value = step.obs.fields.get(name)
-    if value is not None and (step.replaces or merged.get(name) is None):
-        merged[name] = value
+def _ranked(merged: dict[str, Any], step: _Step) -> None:
+    """RANKED: by what the observation carries, which is all a RANKED field can change (checked in `merge`)."""
+    replaces = step.replaces
+    for name, value in step.obs.fields.items():
+        if value is not None and (replaces or merged.get(name) is None):
+            merged[name] = value
 
 
 def _status(merged: dict[str, Any], name: str, step: _Step) -> None:
@@ -220,9 +219,12 @@ def _complete(merged: dict[str, Any], name: str, step: _Step) -> None:
     merged[name] = status >= FINAL_RANK and richness >= COMPLETE_RICHNESS
 
 
-_RULES: dict[Rule, Callable[[dict[str, Any], str, _Step], None]] = {
-    Rule.IDENTITY: _unchanged,
-    Rule.RANKED: _ranked,
+_Apply = Callable[[dict[str, Any], str, _Step], None]
+# Every rule but RANKED, applied field by field in the field list's order (COMPLETE after the data rank is set).
+# IDENTITY is set with the record and REVISION counted per transaction (`revised`): nothing to do for them here.
+_RULES: dict[Rule, _Apply | None] = {
+    Rule.IDENTITY: None,
+    Rule.RANKED: None,
     Rule.STATUS: _status,
     Rule.KEYWISE: _keywise,
     Rule.FIRST_SEEN: _first_seen,
@@ -231,8 +233,11 @@ _RULES: dict[Rule, Callable[[dict[str, Any], str, _Step], None]] = {
     Rule.RECONCILE_TIME: _reconcile_time,
     Rule.AUDIO_STORED: _audio_stored,
     Rule.COMPLETE: _complete,
-    Rule.REVISION: _unchanged,
+    Rule.REVISION: None,
 }
+_OTHER_RULES: tuple[tuple[_Apply, str], ...] = tuple(
+    (apply, entry.name) for entry in FIELDS if (apply := _RULES[entry.rule]) is not None
+)
 
 
 def _earliest(current: datetime | None, at: datetime) -> datetime:
