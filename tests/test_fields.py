@@ -15,9 +15,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
 from service.api import query_params
-from service.record.fields import BY_NAME, FIELDS, Kind, RecordField
+from service.api.openapi import LIST_PARAMETERS
+from service.record import merge
+from service.record.fields import BY_NAME, FIELDS, FILTERS, Kind, RecordField, Rule
 from service.record.merge import CHANNEL
-from service.storage.tables import Conversation, UTCDateTime
+from service.storage.tables import Conversation, JSONNumber, UTCDateTime
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 
@@ -26,7 +28,7 @@ BOOKKEEPING = {"audio_path", "audio_bytes", "first_seen_at", "data_rank", "updat
 
 FIXED_SQL_TYPES = {  # kind → the column type on (PostgreSQL, SQLite)
     Kind.INTEGER: ("BIGINT", "BIGINT"),
-    Kind.NUMBER: ("FLOAT", "FLOAT"),
+    Kind.NUMBER: ("VARCHAR(32)", "VARCHAR(32)"),  # JSON text: 22 and 22.0 stay apart on both (JSONNumber)
     Kind.BOOLEAN: ("BOOLEAN", "BOOLEAN"),
     Kind.OBJECT: ("JSONB", "JSON"),
     Kind.LIST: ("JSONB", "JSON"),
@@ -53,6 +55,8 @@ def test_every_field_has_a_column_of_its_kind_bound_and_nullability(field: Recor
     assert column.nullable == field.nullable
     if field.kind is Kind.TIMESTAMP:
         assert isinstance(column.type, UTCDateTime)  # read back timezone-aware on SQLite too
+    if field.kind is Kind.NUMBER:
+        assert isinstance(column.type, JSONNumber)  # an integer read back as an integer, a float as a float
 
 
 def test_every_column_is_a_field_or_bookkeeping() -> None:
@@ -76,3 +80,21 @@ def test_the_migrations_build_exactly_the_declared_tables(engine: Engine) -> Non
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, SQLModel.metadata) == []
+
+
+def test_every_rule_has_its_merge_function_and_only_sources_set_ranked_fields() -> None:
+    assert set(merge._RULES) == set(Rule)
+    assert set(merge.CONTENT_FIELDS) == {field.name for field in FIELDS if field.rule is Rule.RANKED}
+
+
+def test_only_provenance_times_and_the_revision_itself_change_without_a_new_revision() -> None:
+    unrevised = {field.name for field in FIELDS if not field.revises}
+    assert unrevised == {"webhook_received_at", "audio_received_at", "reconciled_at", "revision"}
+
+
+def test_the_list_filters_are_the_fields_marked_filter_in_the_parser_and_the_document() -> None:
+    assert all(field.kind in (Kind.TEXT, Kind.BOOLEAN) and not field.detail_only for field in FILTERS)
+    assert set(query_params.EXACT_PARAMETERS) == {field.name for field in FILTERS}
+    documented = {parameter["name"] for parameter in LIST_PARAMETERS}
+    assert {field.name for field in FILTERS} <= documented
+    assert set(query_params.DOCUMENTED_PARAMETERS) == documented

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.record.fields import FIELDS
-from service.record.merge import Audio, Observation, Source, merge
+from service.record.merge import Audio, Observation, Source, merge, revised
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 # What merge keeps on a record besides its fields: audio bookkeeping and the merge state.
@@ -86,7 +86,7 @@ def test_the_converged_record() -> None:
     assert record["transcript_summary"] == FINAL["transcript_summary"]
     assert record["call_duration_secs"] == 61.0
     assert record["labels"] == {"campaign": "spring"}
-    assert record["has_audio"] is True and record["audio_path"] == "audio/c1.mp3"
+    assert record["audio_stored"] is True and record["audio_path"] == "audio/c1.mp3"
     assert record["complete"] is True
     assert record["first_seen_via"] == "session"
     assert record["webhook_received_at"] == at(100)
@@ -95,7 +95,14 @@ def test_the_converged_record() -> None:
 
 
 STATUSES = ["initiated", "in-progress", "processing", "done", "failed"]
-SOURCES = [Source.SESSION, Source.LIST_SUMMARY, Source.DETAIL, Source.TRANSCRIPTION_WEBHOOK]
+SOURCES = [
+    Source.SESSION,
+    Source.LIST_SUMMARY,
+    Source.DETAIL,
+    Source.TRANSCRIPTION_WEBHOOK,
+    Source.OTEL_WEBHOOK,
+    Source.FAILURE_WEBHOOK,
+]
 
 
 @given(st.lists(st.tuples(st.sampled_from(STATUSES), st.sampled_from(SOURCES)), min_size=1, max_size=8))
@@ -138,10 +145,31 @@ def test_a_richer_source_replaces_a_poorer_one() -> None:
     assert record["complete"] is True
 
 
-def test_failure_wins_over_done_whatever_the_order() -> None:
-    done = Observation("c", Source.DETAIL, at(0), "done", {"agent_id": "a"})
-    failed = Observation("c", Source.FAILURE_WEBHOOK, at(1), "failed", {"failure_reason": "busy"})
-    assert fold([done, failed])["status"] == fold([failed, done])["status"] == "failed"
+@pytest.mark.parametrize("source", [Source.DETAIL, Source.TRANSCRIPTION_WEBHOOK])
+def test_a_failure_webhook_never_erases_what_a_detail_or_transcription_brought_whatever_the_order(
+    source: Source,
+) -> None:
+    done = Observation("c", source, at(0), "done", {**FINAL, "start_time_unix_secs": 1_760_000_000})
+    failed = Observation(
+        "c",
+        Source.FAILURE_WEBHOOK,
+        at(1),
+        "failed",
+        {
+            "agent_id": "agent_other",
+            "failure_reason": "busy",
+            "start_time_unix_secs": 1_760_000_500,
+            "metadata": {"type": "sip", "body": {"sip_status_code": 486}},
+        },
+    )
+    first, second = fold([done, failed]), fold([failed, done])
+    provenance = {"first_seen_at", "first_seen_via", "webhook_received_at", "reconciled_at"}
+    assert {k: v for k, v in first.items() if k not in provenance} == {
+        k: v for k, v in second.items() if k not in provenance
+    }
+    assert first["status"] == "done" and first["complete"] is True
+    assert {name: first[name] for name in FINAL} == FINAL  # everything the detail or transcription brought
+    assert first["failure_reason"] == "busy"  # and what only the failure carries
 
 
 def failed_lifecycle() -> list[Observation]:
@@ -170,6 +198,16 @@ def test_a_failed_call_converges_whichever_of_its_webhook_and_detail_comes_last(
     assert record["complete"] is True
 
 
+def test_a_failure_webhook_alone_is_complete_and_outranks_its_calls_summary() -> None:
+    """A call that never connected has nothing more to fetch; its own account beats the list's."""
+    summary = Observation("c", Source.LIST_SUMMARY, at(0), "failed", {"agent_id": "a", "start_time_unix_secs": 10})
+    failed = Observation("c", Source.FAILURE_WEBHOOK, at(1), "failed", {"start_time_unix_secs": 12})
+    assert merge(None, summary)["complete"] is False  # a summary is not the detail, failed or not
+    for order in ([summary, failed], [failed, summary]):
+        record = fold(order)
+        assert (record["complete"], record["start_time_unix_secs"], record["agent_id"]) == (True, 12, "a")
+
+
 @given(st.permutations([obs for obs in lifecycle() if obs.status == "done" and obs.source != Source.LIST_SUMMARY]))
 def test_a_webhook_and_a_detail_that_differ_converge_to_the_webhook(shuffled: list[Observation]) -> None:
     """In an ordered delivery the webhook completes the record and the detail is never fetched: a race that
@@ -186,8 +224,9 @@ def test_a_new_record_holds_every_field_with_a_value_wherever_one_is_required(so
     assert set(record) == {entry.name for entry in FIELDS} | BOOKKEEPING
     for entry in FIELDS:
         assert entry.nullable or record[entry.name] is not None, entry.name
-        assert not entry.choices or record[entry.name] in entry.choices, entry.name
-    assert record["has_audio"] is False and record["complete"] is False
+        value = record[entry.name]
+        assert not entry.choices or value in entry.choices or (entry.nullable and value is None), entry.name
+    assert record["audio_stored"] is False and record["complete"] is False
 
 
 @pytest.mark.parametrize("name", [entry.name for entry in FIELDS if not entry.content])
@@ -195,3 +234,38 @@ def test_a_source_cannot_set_what_is_not_content(name: str) -> None:
     """Status, labels, audio and provenance have their own rules above; a source's fields never overwrite them."""
     with pytest.raises(ValueError, match=name):
         merge(None, Observation("c", Source.DETAIL, at(0), "done", {name: "x"}))
+
+
+@pytest.mark.parametrize("status", [None, "done"])
+def test_an_otel_transcription_updates_agent_status_and_times_but_never_completes(status: str | None) -> None:
+    fields = {"agent_id": "agent_1", "start_time_unix_secs": 1_760_000_000, "call_duration_secs": 41}
+    record = merge(None, Observation("c", Source.OTEL_WEBHOOK, at(0), status, fields))
+    assert {name: record[name] for name in fields} == fields
+    assert (record["status"], record["complete"], record["first_seen_via"]) == (status, False, "webhook")
+    record = merge(record, Observation("c", Source.DETAIL, at(1), "done", {"call_duration_secs": 42}))
+    assert (record["call_duration_secs"], record["complete"]) == (42, True)
+    assert merge(record, Observation("c", Source.OTEL_WEBHOOK, at(2), status, fields)) == {
+        **record,
+        "webhook_received_at": at(0),
+    }
+
+
+def test_revision_is_one_for_a_new_record_and_one_more_per_content_change() -> None:
+    record = merge(None, Observation("c", Source.SESSION, at(0), "initiated", {"agent_id": "a"}))
+    assert revised(None, record) == 1
+    record["revision"] = 1
+    listed = merge(record, Observation("c", Source.LIST_SUMMARY, at(1), "initiated", {"agent_id": "a"}))
+    assert listed["reconciled_at"] == at(1)
+    assert revised(record, listed) == 1  # only a provenance time moved
+    done = merge(listed, Observation("c", Source.DETAIL, at(2), "done", {"agent_id": "a"}))
+    assert revised(record, done) == 2
+    stored = merge(done, Observation("c", Source.AUDIO_FETCH, at(3), None, {}, audio=Audio("audio/c.mp3", 3)))
+    assert revised({**done, "revision": 2}, stored) == 3  # audio becoming stored is a change
+
+
+@given(st.permutations(lifecycle()))
+def test_merging_the_same_observation_again_changes_nothing(shuffled: list[Observation]) -> None:
+    record = fold(shuffled)
+    record["revision"] = 7
+    for obs in shuffled:
+        assert revised(record, merge(record, obs)) == 7

@@ -140,10 +140,10 @@ def test_audio_only_removes_old_audio_and_keeps_every_record(engine: Engine, dat
     assert audio_files(data_dir) == {f"{cid}.mp3" for cid in NEW_WITH_AUDIO} | {"unrelated.mp3"}
     for cid in OLD_WITH_AUDIO:
         old = record(engine, cid)
-        assert (old["has_audio"], old["audio_path"], old["audio_bytes"]) == (False, None, None)
+        assert (old["audio_stored"], old["audio_path"], old["audio_bytes"]) == (False, None, None)
         assert old["transcript"] and old["audio_received_at"] is not None  # the rest of the record stays
     for cid in NEW_WITH_AUDIO:
-        assert record(engine, cid)["has_audio"] is True
+        assert record(engine, cid)["audio_stored"] is True
     assert archived_for(engine) == before
     assert (report.conversations, report.audio_files, report.webhook_events) == (2, 2, 0)
 
@@ -239,7 +239,7 @@ def test_audio_stored_between_the_purges_commit_and_its_unlink_is_kept(engine: E
     assert raced == ["conv_old_a"]
     assert audio.status_code == 200, audio.text
     assert audio.content == NEW_MP3
-    assert record(engine, "conv_old_a")["has_audio"] is True
+    assert record(engine, "conv_old_a")["audio_stored"] is True
     assert audio_files(settings.data_dir) == {
         "conv_old_a.mp3",
         *(f"{cid}.mp3" for cid in NEW_WITH_AUDIO),
@@ -308,6 +308,6 @@ def test_audio_whose_transaction_is_in_flight_while_the_purge_unlinks_is_kept(
         thread.join()
 
     assert failures == []
-    assert record(engine, "conv_old_a")["has_audio"] is True
+    assert record(engine, "conv_old_a")["audio_stored"] is True
     assert (settings.data_dir / "audio" / "conv_old_a.mp3").read_bytes() == NEW_MP3
     assert report.kept_files == 1

@@ -37,22 +37,33 @@ def test_every_parameter_lands_in_its_field() -> None:
             ("started_before", "2025-10-10T00:00:00Z"),
             ("source", "session"),
             ("has_audio", "false"),
+            ("audio_stored", "true"),
+            ("environment", "production"),
+            ("phone_number", "+15550100002"),
+            ("batch_call_id", "btcal_1"),
             ("var.order_id", "o-1"),
+            ("var.customer.name", "Ada"),
             ("label.room", "r-9"),
             ("limit", "500"),
             ("cursor", cursor),
         ]
     )
     assert wanted == ConversationFilter(
-        agent_id="agent_1",
-        status="done",
-        user_id="u-1",
-        call_successful="success",
+        equal={
+            "agent_id": "agent_1",
+            "status": "done",
+            "user_id": "u-1",
+            "call_successful": "success",
+            "has_audio": False,
+            "audio_stored": True,
+            "environment": "production",
+            "phone_number": "+15550100002",
+            "batch_call_id": "btcal_1",
+        },
         started_after=1_760_000_000,
         started_before=1_760_054_400,
         first_seen_via="session",
-        has_audio=False,
-        variables=(JsonMatch("order_id", "o-1"),),
+        variables=(JsonMatch("order_id", "o-1"), JsonMatch("customer.name", "Ada")),
         labels=(JsonMatch("room", "r-9"),),
         limit=500,
         after=Cursor(1_760_000_000, "conv_9"),
@@ -95,6 +106,37 @@ def test_json_matches_read_numbers_and_booleans_too() -> None:
 def test_an_integer_filter_value_is_read_exactly(value: int) -> None:
     number = JsonMatch("n", str(value)).number
     assert type(number) is int and number == value  # 2**53 + 1 would not survive a float
+
+
+@pytest.mark.parametrize("name", ["var.customer.name", "var.a.b.c", "label.team.lead", "var.system__caller_id"])
+def test_a_variable_or_label_name_may_hold_dots(name: str) -> None:
+    wanted = parse_filter([(name, "x")])
+    assert (*wanted.variables, *wanted.labels) == (JsonMatch(name.split(".", 1)[1], "x"),)
+
+
+@pytest.mark.parametrize("name", ['var.a"b', "var.a b", "var.a\\b", "var.", "label.$.x"])
+def test_a_name_that_could_leave_the_json_path_is_refused(name: str) -> None:
+    with pytest.raises(QueryError) as refused:
+        parse_filter([(name, "x")])
+    assert refused.value.parameter == name
+
+
+def test_dotted_names_count_toward_the_cap_too() -> None:
+    with pytest.raises(QueryError):
+        parse_filter([(f"var.v.{i}", "x") for i in range(MAX_JSON_FILTERS + 1)])
+
+
+@pytest.mark.parametrize(("name", "raw"), [("has_audio", "yes"), ("audio_stored", "maybe"), ("environment", "")])
+def test_new_filters_refuse_unusable_values(name: str, raw: str) -> None:
+    with pytest.raises(QueryError) as refused:
+        parse_filter([(name, raw)])
+    assert refused.value.parameter == name
+
+
+def test_a_phone_number_whose_plus_became_a_space_is_refused_with_the_fix() -> None:
+    with pytest.raises(QueryError) as refused:
+        parse_filter([("phone_number", " 15550100002")])
+    assert "%2B" in refused.value.message
 
 
 def test_var_and_label_filters_are_capped_together() -> None:

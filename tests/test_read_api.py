@@ -91,8 +91,8 @@ def test_a_list_item_has_exactly_the_documented_fields(client: TestClient) -> No
         ({"source": "reconcile"}, ["conv_d", "conv_f"]),
         ({"source": "session"}, ["conv_e"]),
         ({"source": "webhook"}, ["conv_a", "conv_b", "conv_c"]),
-        ({"has_audio": "true"}, ["conv_f"]),
-        ({"has_audio": "false"}, ["conv_a", "conv_b", "conv_c", "conv_d", "conv_e"]),
+        ({"audio_stored": "true"}, ["conv_f"]),
+        ({"audio_stored": "false"}, ["conv_a", "conv_b", "conv_c", "conv_d", "conv_e"]),
         ({"var.order": "o-1"}, ["conv_a"]),
         ({"var.order": "o-2"}, []),
         ({"var.n": "7"}, ["conv_c"]),  # a JSON number matches its digits
@@ -112,7 +112,7 @@ def test_each_filter_alone(client: TestClient, params: dict[str, str], expected:
         ({"agent_id": "agent_1", "status": "done"}, ["conv_a", "conv_f"]),
         ({"agent_id": "agent_2", "call_successful": "failure"}, ["conv_b"]),
         ({"agent_id": "agent_1", "started_after": str(T0), "started_before": str(T0 + 50)}, ["conv_c", "conv_f"]),
-        ({"agent_id": "agent_1", "has_audio": "1", "source": "reconcile"}, ["conv_f"]),
+        ({"agent_id": "agent_1", "audio_stored": "1", "source": "reconcile"}, ["conv_f"]),
         ({"user_id": "alice", "var.order": "o-1", "agent_id": "agent_1"}, ["conv_a"]),
         ({"user_id": "alice", "var.order": "o-1", "agent_id": "agent_2"}, []),
         ({"label.room": "r-9", "var.vip": "true", "user_id": "bob", "status": "initiated"}, ["conv_e"]),
@@ -141,6 +141,8 @@ def test_a_string_value_does_not_match_a_number_of_other_spelling(client: TestCl
         ("?started_after=99999999999999", "started_after"),
         ("?source=api", "source"),
         ("?has_audio=maybe", "has_audio"),
+        ("?audio_stored=maybe", "audio_stored"),
+        ("?phone_number=%2015550100002", "phone_number"),
         ("?cursor=not-a-cursor", "cursor"),
         ("?agent_id=", "agent_id"),
         ("?agent_id=a%00b", "agent_id"),
@@ -162,7 +164,7 @@ def test_the_single_record_adds_transcript_analysis_and_metadata(client: TestCli
     answer = client.get("/v1/conversations/conv_a", headers=AUTH)
     assert answer.status_code == 200
     record = answer.json()
-    assert list(record) == [*RECORD_FIELDS, "transcript", "analysis", "metadata"]
+    assert list(record) == [*RECORD_FIELDS, "transcript", "analysis", "metadata", "conversation_initiation_client_data"]
     assert record["transcript"] == [{"role": "agent", "message": "Hello!", "time_in_call_secs": 0}]
     assert record["analysis"]["call_successful"] == "success"
     assert record["metadata"]["start_time_unix_secs"] == T0 + 50

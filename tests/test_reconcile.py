@@ -196,7 +196,7 @@ def test_audio_is_fetched_with_audio_and_stored_once(
     records = stored(engine)
     for cid in with_audio:
         path = settings.data_dir / str(records[cid]["audio_path"])
-        assert records[cid]["has_audio"] and path.read_bytes() == platform.get(cid).audio(platform.audio_bytes)
+        assert records[cid]["audio_stored"] and path.read_bytes() == platform.get(cid).audio(platform.audio_bytes)
     platform.reset_calls()
     assert reconcile(settings, fake_url, KEY, "--audio").exit_code == 0
     assert platform.calls_to("audio") == []

@@ -65,7 +65,7 @@ def test_audio_sample_stores_the_mp3_in_the_data_dir(
 
     assert result.exit_code == 0, result.output
     record = stored(engine, sent_conversation_id(result))
-    assert record["has_audio"] is True
+    assert record["audio_stored"] is True
     audio = (settings.data_dir / str(record["audio_path"])).read_bytes()
     assert audio == silent_mp3()
     assert audio.startswith(b"ID3")

@@ -62,7 +62,7 @@ def test_transcription_and_audio_racing_for_a_new_conversation(
         for i in range(10):
             stored = get_record(conn, f"conv_{i}")
             assert stored is not None
-            assert stored["status"] == "done" and stored["has_audio"] is True and stored["complete"] is True
+            assert stored["status"] == "done" and stored["audio_stored"] is True and stored["complete"] is True
             assert (settings.data_dir / stored["audio_path"]).read_bytes() == mp3
 
 
@@ -87,7 +87,7 @@ def test_large_audio_is_streamed_to_disk(base_url: str, engine: Engine, settings
     assert answer.json() == {"status": "accepted", "conversation_id": "conv_big_audio"}
     with engine.connect() as conn:
         stored = get_record(conn, "conv_big_audio")
-    assert stored is not None and stored["has_audio"] is True and stored["audio_bytes"] == len(block) * 400
+    assert stored is not None and stored["audio_stored"] is True and stored["audio_bytes"] == len(block) * 400
     assert (settings.data_dir / stored["audio_path"]).read_bytes() == block * 400
     assert list((settings.data_dir / "tmp").glob("*")) == []
     # The replay of a large audio body is a duplicate too, and leaves no temp file behind.

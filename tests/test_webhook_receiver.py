@@ -205,7 +205,7 @@ def test_audio_and_transcription_in_either_order(
     for event in events:
         assert post(client, event).json()["status"] == "accepted"
     stored = record(engine, "conv_av")
-    assert stored["has_audio"] is True
+    assert stored["audio_stored"] is True
     assert stored["status"] == "done"
     assert stored["audio_received_at"] is not None
     assert (settings.data_dir / str(stored["audio_path"])).read_bytes() == mp3

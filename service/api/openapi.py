@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from service.api import query_params
 from service.api.auth import ENABLE_HINT, requires_bearer
-from service.record.fields import DETAIL_ONLY, LISTED, Kind, RecordField
+from service.record.fields import DETAIL_ONLY, FILTERS, LISTED, Kind, RecordField
 
 UNDOCUMENTED = "undocumented"
 _CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
@@ -120,15 +120,20 @@ TIME_PARAMETER = {
         {"type": "string", "format": "date-time"},
     ]
 }
+
+
+def _exact_parameter(field: RecordField) -> dict[str, Any]:
+    """`?<field>=<value>`: the record's field equals the value (record/fields.py `filter`)."""
+    if field.kind is Kind.BOOLEAN:
+        return _query(field.name, {"type": "boolean"}, f"{field.description}: true or false")
+    return _query(field.name, TEXT_PARAMETER, f"{field.description}: exactly this value")
+
+
 LIST_PARAMETERS = [
-    _query("agent_id", TEXT_PARAMETER, "only this agent's conversations"),
-    _query("status", TEXT_PARAMETER, "initiated, in-progress, processing, done or failed"),
-    _query("user_id", TEXT_PARAMETER, "the user_id given when the conversation started"),
-    _query("call_successful", TEXT_PARAMETER, "success, failure or unknown"),
+    *(_exact_parameter(field) for field in FILTERS),
     _query("started_after", TIME_PARAMETER, "start time at or after this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("started_before", TIME_PARAMETER, "start time before this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("source", {"type": "string", "enum": list(query_params.SOURCES)}, "how postcall first learnt of it"),
-    _query("has_audio", {"type": "boolean"}, "whether audio is stored"),
     _query("limit", {"type": "integer", "minimum": 1, "maximum": query_params.MAX_LIMIT}, "page size (default 50)"),
     _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
 ]
@@ -141,9 +146,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "description": (
             "Keyset pagination: pass `next_cursor` as `cursor` until `has_more` is false. Ties in start time are "
             "broken by `conversation_id` (descending); conversations without a start time come last. Besides the "
-            "parameters below, `var.<name>=<value>` matches a dynamic variable and `label.<name>=<value>` a "
-            "session label (a value that reads as a number or true/false also matches that JSON type). "
-            "Unknown or repeated parameters are refused with 422."
+            "parameters below, `var.<name>=<value>` matches a dynamic variable (the name may hold dots: "
+            "`var.customer.name`) and `label.<name>=<value>` a session label (a value that reads as a number or "
+            "true/false also matches that JSON type); at most "
+            f"{query_params.MAX_JSON_FILTERS} of them together. Send a `+` in a value (a phone "
+            "number) as `%2B`. Unknown or repeated parameters are refused with 422."
         ),
         "parameters": LIST_PARAMETERS,
         "responses": {
@@ -153,7 +160,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         },
     },
     ("GET", "/v1/conversations/{conversation_id}"): {
-        "summary": "One conversation with its transcript, analysis, metadata and provenance",
+        "summary": "One conversation with its transcript, analysis, metadata, client data and provenance",
         "parameters": [CONVERSATION_ID],
         "responses": {
             "200": _json({"$ref": "#/components/schemas/ConversationDetail"}, "the stored record"),

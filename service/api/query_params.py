@@ -16,11 +16,12 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from service.record.fields import FILTERS, Kind
 from service.record.payloads import valid_conversation_id
 
 DEFAULT_LIMIT = 50
@@ -32,22 +33,15 @@ MAX_VALUE_LENGTH = 1024
 MAX_JSON_FILTERS = 20
 # Year 9999: anything later is not a start time, and keeps every bound inside a BIGINT.
 MAX_UNIX_SECONDS = 253_402_300_799
-# Names inside `var.<name>` / `label.<name>`: what ElevenLabs allows for dynamic variables, and safe to place
-# in a SQLite JSON path without quoting rules of its own.
-_KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Names inside `var.<name>` / `label.<name>`: what dynamic variable names hold (dots too: `var.customer.name` is
+# the variable named "customer.name"), and safe inside a quoted SQLite JSON path key (no quote, no backslash).
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _UNIX = re.compile(r"\d{1,15}(\.\d{1,9})?")
 _NUMBER = re.compile(r"-?(0|[1-9]\d{0,15})(\.\d{1,15})?")
 
-SCALAR_PARAMETERS = ("agent_id", "status", "user_id", "call_successful")
-DOCUMENTED_PARAMETERS = (
-    *SCALAR_PARAMETERS,
-    "started_after",
-    "started_before",
-    "source",
-    "has_audio",
-    "limit",
-    "cursor",
-)
+# The record's fields a list is filtered on by equality (record/fields.py `filter`): text, or true/false.
+EXACT_PARAMETERS = {entry.name: entry.kind for entry in FILTERS}
+DOCUMENTED_PARAMETERS = (*EXACT_PARAMETERS, "started_after", "started_before", "source", "limit", "cursor")
 
 
 class QueryError(Exception):
@@ -92,14 +86,10 @@ class JsonMatch:
 
 @dataclass(frozen=True)
 class ConversationFilter:
-    agent_id: str | None = None
-    status: str | None = None
-    user_id: str | None = None
-    call_successful: str | None = None
+    equal: Mapping[str, str | bool] = field(default_factory=dict)  # field name → the value it must hold
     started_after: int | None = None  # inclusive
     started_before: int | None = None  # exclusive
     first_seen_via: str | None = None
-    has_audio: bool | None = None
     variables: tuple[JsonMatch, ...] = ()
     labels: tuple[JsonMatch, ...] = ()
     limit: int = DEFAULT_LIMIT
@@ -110,6 +100,7 @@ def parse_filter(params: Iterable[tuple[str, str]]) -> ConversationFilter:
     """Read the list endpoint's query parameters (as (name, value) pairs, repeats included)."""
     seen: set[str] = set()
     values: dict[str, Any] = {}
+    equal: dict[str, str | bool] = {}
     variables: list[JsonMatch] = []
     labels: list[JsonMatch] = []
     for name, raw in params:
@@ -120,16 +111,14 @@ def parse_filter(params: Iterable[tuple[str, str]]) -> ConversationFilter:
             variables.append(_json_match(name, "var.", raw))
         elif name.startswith("label."):
             labels.append(_json_match(name, "label.", raw))
-        elif name in SCALAR_PARAMETERS:
-            values[name] = _text(name, raw)
+        elif name in EXACT_PARAMETERS:
+            equal[name] = parse_bool(name, raw) if EXACT_PARAMETERS[name] is Kind.BOOLEAN else _exact_text(name, raw)
         elif name in ("started_after", "started_before"):
             values[name] = parse_time(name, raw)
         elif name == "source":
             if raw not in SOURCES:
                 raise QueryError(name, f"must be one of {', '.join(SOURCES)}")
             values["first_seen_via"] = raw
-        elif name == "has_audio":
-            values[name] = parse_bool(name, raw)
         elif name == "limit":
             values[name] = _whole_number(name, raw, MAX_LIMIT)
         elif name == "cursor":
@@ -140,7 +129,14 @@ def parse_filter(params: Iterable[tuple[str, str]]) -> ConversationFilter:
             )
         if len(variables) + len(labels) > MAX_JSON_FILTERS:
             raise QueryError(name, f"at most {MAX_JSON_FILTERS} var. and label. filters may be given together")
-    return ConversationFilter(**values, variables=tuple(variables), labels=tuple(labels))
+    return ConversationFilter(equal=equal, **values, variables=tuple(variables), labels=tuple(labels))
+
+
+def _exact_text(name: str, raw: str) -> str:
+    if name == "phone_number" and raw.startswith(" "):
+        # A query string decodes '+' to a space: `?phone_number=+15551234567` arrives as " 15551234567".
+        raise QueryError(name, "starts with a space: send a leading '+' as %2B")
+    return _text(name, raw)
 
 
 def _text(name: str, raw: str) -> str:
@@ -156,7 +152,7 @@ def _text(name: str, raw: str) -> str:
 def _json_match(name: str, prefix: str, raw: str) -> JsonMatch:
     key = name[len(prefix) :]
     if not _KEY_NAME.fullmatch(key):
-        raise QueryError(name, "the name after the dot must be 1-128 letters, digits, '_' or '-'")
+        raise QueryError(name, "the name after the prefix must be 1-128 letters, digits, '_', '-' or '.'")
     return JsonMatch(key, _text(name, raw))
 
 

@@ -100,11 +100,9 @@ def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
 
 def _conditions(dialect: str, wanted: ConversationFilter) -> list[sa.ColumnElement[bool]]:
     c = conversations.c
-    where: list[sa.ColumnElement[bool]] = []
-    for name in ("agent_id", "status", "user_id", "call_successful", "first_seen_via", "has_audio"):
-        value = getattr(wanted, name)
-        if value is not None:
-            where.append(c[name] == value)
+    where: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in wanted.equal.items()]
+    if wanted.first_seen_via is not None:
+        where.append(c.first_seen_via == wanted.first_seen_via)
     if wanted.started_after is not None:
         where.append(c.start_time_unix_secs >= wanted.started_after)
     if wanted.started_before is not None:
@@ -127,7 +125,7 @@ def _json_match(dialect: str, column: sa.Column[Any], match: JsonMatch) -> sa.Co
         return sa.or_(*(document.contains({match.name: value}) for value in typed))
     # SQLite: json_extract gives the value in its SQL type; a TEXT never equals an INTEGER, and json_type
     # keeps `true` (extracted as 1) apart from the number 1.
-    path = f'$."{match.name}"'  # the name is [A-Za-z0-9_-]+ (query_params.py), nothing to escape
+    path = f'$."{match.name}"'  # the name is [A-Za-z0-9_.-]+ (query_params.py): quoted, a dot is part of the key
     extracted = sa.func.json_extract(column, path)
     kind = sa.func.json_type(column, path)
     options = [sa.and_(kind == "text", extracted == match.text)]
@@ -139,7 +137,7 @@ def _json_match(dialect: str, column: sa.Column[Any], match: JsonMatch) -> sa.Co
 
 
 def get_conversation(conn: Connection, conversation_id: str) -> dict[str, Any] | None:
-    """The whole record: the list fields plus transcript, analysis and metadata."""
+    """The whole record: the list fields plus transcript, analysis, metadata and the initiation client data."""
     columns = [conversations.c[name] for name in (*RECORD_FIELDS, *DETAIL_FIELDS)]
     row = conn.execute(sa.select(*columns).where(conversations.c.conversation_id == conversation_id)).mappings().first()
     return None if row is None else public_record(row, extra=DETAIL_FIELDS)
@@ -149,7 +147,7 @@ def stored_audio(conn: Connection, conversation_id: str) -> str | None:
     """The blob-store path of the conversation's audio; None when it is unknown or has none."""
     c = conversations.c
     path: str | None = conn.execute(
-        sa.select(c.audio_path).where(c.conversation_id == conversation_id, c.has_audio.is_(True))
+        sa.select(c.audio_path).where(c.conversation_id == conversation_id, c.audio_stored.is_(True))
     ).scalar_one_or_none()
     return path
 

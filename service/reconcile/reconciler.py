@@ -89,7 +89,7 @@ _FINGERPRINT = (
     "status",
     "data_rank",
     "complete",
-    "has_audio",
+    "audio_stored",
     *(entry.name for entry in fields.FIELDS if entry.content and not entry.is_json),
 )
 
@@ -289,7 +289,7 @@ class Reconciler:
                 item
                 for item in listed.values()
                 if item.status == "done"
-                and not flags.get(item.conversation_id, {}).get("has_audio")
+                and not flags.get(item.conversation_id, {}).get("audio_stored")
                 and said.get(item.conversation_id, True)
             ]
             await self._fetch_audio(audio, report, out, tally)

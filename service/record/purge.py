@@ -77,7 +77,7 @@ def count(engine: Engine, cutoff: Cutoff, audio_only: bool = False) -> PurgeRepo
 
     def work(conn: Connection) -> PurgeReport:
         old = cutoff.condition()
-        with_audio = sa.and_(old, conversations.c.has_audio.is_(True))
+        with_audio = sa.and_(old, conversations.c.audio_stored.is_(True))
         audio = conn.execute(
             sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(conversations.c.audio_bytes), 0)).where(with_audio)
         ).one()
@@ -189,14 +189,21 @@ def _delete_batch(conn: Connection, cutoff: Cutoff, limit: int, _now: datetime) 
 
 
 def _clear_audio_batch(conn: Connection, cutoff: Cutoff, limit: int, now: datetime) -> _Batch:
-    rows = _lock_batch(conn, sa.and_(cutoff.condition(), conversations.c.has_audio.is_(True)), limit)
+    rows = _lock_batch(conn, sa.and_(cutoff.condition(), conversations.c.audio_stored.is_(True)), limit)
     ids = [row.conversation_id for row in rows]
     if not ids:
         return _Batch((), ())
-    # audio_received_at stays: it is provenance (audio did arrive), not a claim that audio is stored.
+    # audio_received_at stays: it is provenance (audio did arrive), not a claim that audio is stored. The audio
+    # no longer being stored is a content change like its arrival: one more revision.
     conn.execute(
         sa.update(conversations)
         .where(conversations.c.conversation_id.in_(ids))
-        .values(has_audio=False, audio_path=None, audio_bytes=None, updated_at=now)
+        .values(
+            audio_stored=False,
+            audio_path=None,
+            audio_bytes=None,
+            revision=conversations.c.revision + 1,
+            updated_at=now,
+        )
     )
     return _Batch(ids, _audio_of(rows))

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from service.record import payloads
-from service.record.merge import Audio, Observation, Source, merge
+from service.record.merge import Audio, Observation, Source, merge, revised
 from service.storage.audio import TempBlob
 from service.storage.db import insert_ignoring_conflict, insert_many_ignoring_conflict
 from service.storage.tables import Conversation, WebhookEvent
@@ -156,10 +156,13 @@ def apply_many(conn: Connection, observations: Sequence[Observation], now: datet
 
 
 def _fold(stored: Mapping[str, dict[str, Any]], observations: Sequence[Observation]) -> dict[str, dict[str, Any]]:
+    """Each record after this transaction's observations, its `revision` counting them as one change at most."""
     merged: dict[str, dict[str, Any]] = {}
     for obs in observations:
         cid = obs.conversation_id
         merged[cid] = merge(merged.get(cid, stored.get(cid)), obs)
+    for cid, record in merged.items():
+        record["revision"] = revised(stored.get(cid), record)
     return merged
 
 
@@ -188,7 +191,7 @@ def _locked_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str,
 def audio_is_claimed(conn: Connection, relpath: str) -> bool:
     """Whether a committed record says its audio is at `relpath` (how blobs.BlobStore.settle_claims decides)."""
     claimed = sa.select(conversations.c.conversation_id).where(
-        conversations.c.audio_path == relpath, conversations.c.has_audio.is_(True)
+        conversations.c.audio_path == relpath, conversations.c.audio_stored.is_(True)
     )
     return conn.execute(claimed.limit(1)).first() is not None
 

@@ -32,6 +32,29 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class JSONNumber(sa.TypeDecorator[int | float]):
+    """A JSON number kept exactly as sent: 22 reads back as the integer 22, 22.0 and 22.5 as floats.
+
+    Stored as its JSON text. A FLOAT column turns every integer into a float, and no numeric type keeps the
+    difference on both databases: PostgreSQL's NUMERIC keeps "22.0" apart from "22", but SQLite's NUMERIC affinity
+    stores "22.0" as the integer 22, and the two databases must give back the same record."""
+
+    impl = sa.String(32)  # the longest a 64-bit integer or a float's shortest repr takes is 24 characters
+    cache_ok = True
+
+    def process_bind_param(self, value: int | float | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"not a JSON number: {value!r}")
+        return repr(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> int | float | None:
+        if value is None:
+            return None
+        return float(value) if any(mark in value for mark in ".eEn") else int(value)
+
+
 def _json(nullable: bool = True) -> Any:
     return Field(default=None, sa_type=JSONType, nullable=nullable)
 
@@ -45,13 +68,17 @@ class Conversation(SQLModel, table=True):
 
     __tablename__ = "conversation"
     # The read API's keyset order is (start_time_unix_secs, conversation_id), newest first: each filter that
-    # narrows sharply gets its own (filter, start, id) index so a page is one short range scan (migration 0002).
+    # narrows sharply gets its own (filter, start, id) index so a page is one short range scan (migrations 0002,
+    # 0005). `environment`, `has_audio` and `audio_stored` have none: a few values shared by most conversations,
+    # so the start index finds a page of them about as fast, and every index slows the webhook's writes.
     # jsonb_path_ops GIN indexes answer `var.<name>=` / `label.<name>=` (containment) on PostgreSQL.
     __table_args__ = (
         sa.Index("ix_conversation_start", "start_time_unix_secs", "conversation_id"),
         sa.Index("ix_conversation_agent_start", "agent_id", "start_time_unix_secs", "conversation_id"),
         sa.Index("ix_conversation_user_start", "user_id", "start_time_unix_secs", "conversation_id"),
         sa.Index("ix_conversation_status_start", "status", "start_time_unix_secs", "conversation_id"),
+        sa.Index("ix_conversation_phone_start", "phone_number", "start_time_unix_secs", "conversation_id"),
+        sa.Index("ix_conversation_batch_start", "batch_call_id", "start_time_unix_secs", "conversation_id"),
         sa.Index(
             "ix_conversation_dynamic_variables",
             "dynamic_variables",
@@ -65,17 +92,24 @@ class Conversation(SQLModel, table=True):
 
     conversation_id: str = Field(primary_key=True, max_length=256)
     agent_id: str | None = Field(default=None, max_length=256)
+    agent_name: str | None = Field(default=None, sa_type=sa.Text)
     status: str | None = Field(default=None, max_length=32)
     user_id: str | None = Field(default=None, max_length=1024)
     branch_id: str | None = Field(default=None, max_length=256)
+    version_id: str | None = Field(default=None, max_length=256)
+    environment: str | None = Field(default=None, max_length=256)
     start_time_unix_secs: int | None = Field(default=None, sa_type=sa.BigInteger)
-    call_duration_secs: float | None = None
+    call_duration_secs: int | float | None = Field(default=None, sa_type=JSONNumber)
     call_successful: str | None = Field(default=None, max_length=32)
+    call_summary_title: str | None = Field(default=None, sa_type=sa.Text)
     transcript_summary: str | None = Field(default=None, sa_type=sa.Text)
     termination_reason: str | None = Field(default=None, sa_type=sa.Text)
     main_language: str | None = Field(default=None, max_length=64)
     initiation_source: str | None = Field(default=None, max_length=128)
     failure_reason: str | None = Field(default=None, sa_type=sa.Text)
+    phone_number: str | None = Field(default=None, max_length=256)
+    direction: str | None = Field(default=None, max_length=16)
+    batch_call_id: str | None = Field(default=None, max_length=256)
     dynamic_variables: dict[str, Any] | None = _json()
     labels: dict[str, Any] | None = _json()
     transcript: list[Any] | None = _json()
@@ -84,7 +118,13 @@ class Conversation(SQLModel, table=True):
     conversation_metadata: dict[str, Any] | None = Field(
         default=None, sa_column=sa.Column("metadata", JSONType, nullable=True)
     )
-    has_audio: bool = Field(default=False)
+    conversation_initiation_client_data: dict[str, Any] | None = _json()
+    # ElevenLabs' own flags, as it sent them (null when it did not say).
+    has_audio: bool | None = None
+    has_user_audio: bool | None = None
+    has_response_audio: bool | None = None
+    # postcall holds the audio, at `audio_path` in the blob store.
+    audio_stored: bool = Field(default=False)
     audio_path: str | None = Field(default=None, max_length=512)
     audio_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     first_seen_via: str = Field(max_length=16)
@@ -93,7 +133,9 @@ class Conversation(SQLModel, table=True):
     audio_received_at: datetime | None = _time()
     reconciled_at: datetime | None = _time()
     complete: bool = Field(default=False)
-    # status rank * 10 + source richness of the data last applied: decides which source's fields win.
+    revision: int = Field(default=1, sa_type=sa.BigInteger)
+    # The rank of the data last applied (status rank * 10 + source richness, record/merge.py): decides which
+    # source's fields win.
     data_rank: int = Field(default=-10)
     updated_at: datetime = _time(nullable=False)
 

@@ -115,8 +115,10 @@ def _declared_length(request: Request) -> int | None:
 def _observation(envelope: payloads.Envelope, at: datetime) -> Observation | None:
     if envelope.type == payloads.TRANSCRIPTION:
         return payloads.detail_observation(envelope.data, Source.TRANSCRIPTION_WEBHOOK, at)
+    if envelope.type == payloads.OTEL:
+        return payloads.otel_observation(envelope.data, at)
     if envelope.type == payloads.FAILURE:
-        return payloads.failure_observation(envelope.data, at)
+        return payloads.failure_observation(envelope.data, at, envelope.event_timestamp)
     return None
 
 

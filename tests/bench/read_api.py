@@ -52,7 +52,7 @@ COLUMNS = (
     "transcript_summary",
     "dynamic_variables",
     "transcript",
-    "has_audio",
+    "audio_stored",
     "first_seen_via",
     "first_seen_at",
     "webhook_received_at",
@@ -82,7 +82,7 @@ def rows(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
             status,
             f"user_{rng.randrange(200_000)}",
             start,
-            float(rng.randrange(5, 900)),
+            rng.randrange(5, 900),  # whole seconds, as ElevenLabs sends them
             "success" if status == "done" else "failure",
             "The caller asked about an order and got an answer.",
             json.dumps({"order_id": f"o-{i}", "tier": rng.choice(["gold", "silver"])}),
@@ -92,7 +92,7 @@ def rows(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
             at,
             at,
             True,
-            32,
+            35,  # a transcription webhook's data (record/merge.py)
             at,
         )
 

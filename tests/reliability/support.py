@@ -123,7 +123,7 @@ def temp_files(data_dir: Path) -> list[str]:
 def audio_mismatches(stored: Mapping[str, Mapping[str, Any]], data_dir: Path) -> list[str]:
     """Audio files that no record claims, and records that claim audio that is not on disk (at its size)."""
     files = audio_files(data_dir)
-    claimed = {r["audio_path"]: r for r in stored.values() if r["has_audio"]}
+    claimed = {r["audio_path"]: r for r in stored.values() if r["audio_stored"]}
     problems = [f"{path}: no record claims it" for path in files if path not in claimed]
     for path, record in claimed.items():
         if files.get(path) != record["audio_bytes"]:

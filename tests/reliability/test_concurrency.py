@@ -46,7 +46,7 @@ NOW = int(time.time())
 SENDERS = 4  # webhook senders at once, spread by the kernel over the two workers
 FAULTS = Faults(drop=0.1, duplicate=0.3, reorder=0.3, seed=23)
 # What a user can see of a record; provenance times (and so first_seen_via) tell when, not what, and differ.
-COMPARED = ("status", *CONTENT_FIELDS, "labels", "has_audio", "audio_path", "audio_bytes", "complete")
+COMPARED = ("status", *CONTENT_FIELDS, "labels", "audio_stored", "audio_path", "audio_bytes", "complete")
 
 
 pytestmark = pytest.mark.usefixtures("tiny_retry_waits")

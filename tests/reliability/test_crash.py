@@ -197,7 +197,7 @@ def assert_acknowledged_are_stored(
     for delivery in acknowledged:
         record = stored[delivery.conversation_id]
         if delivery.kind == "audio":
-            assert record["has_audio"], delivery.conversation_id
+            assert record["audio_stored"], delivery.conversation_id
             audio = (data_dir / record["audio_path"]).read_bytes()
             assert audio == mp3_bytes(delivery.conversation_id, AUDIO_BYTES), delivery.conversation_id
         else:

@@ -123,14 +123,14 @@ def test_audio_the_data_dir_cannot_take_is_refused_with_503_and_stored_once_it_c
         assert stored.json()["status"] == "accepted"
 
     record = records(engine)[cid]
-    assert record["has_audio"] and record["audio_bytes"] == AUDIO_SIZES[audio]
+    assert record["audio_stored"] and record["audio_bytes"] == AUDIO_SIZES[audio]
     assert (small_data_dir / record["audio_path"]).read_bytes() == mp3(AUDIO_SIZES[audio])
     assert temp_files(small_data_dir) == []
 
 
 def assert_nothing_of_the_audio_is_stored(engine: Engine, data_dir: Path, conversation_id: str) -> None:
     record = records(engine)[conversation_id]
-    assert (record["has_audio"], record["audio_path"], record["audio_received_at"]) == (False, None, None)
+    assert (record["audio_stored"], record["audio_path"], record["audio_received_at"]) == (False, None, None)
     assert archived_audio_events(engine) == 0  # so the same delivery again is new, not a duplicate
     assert audio_files(data_dir) == {}
     assert temp_files(data_dir) == []

@@ -445,11 +445,11 @@ def assert_recorded(box: Box, body: bytes, answer: dict[str, Any]) -> None:
     assert answer["conversation_id"] == conversation_id
     with box.engine.connect() as conn:
         stored = conn.execute(
-            sa.text("SELECT has_audio FROM conversation WHERE conversation_id = :cid"), {"cid": conversation_id}
+            sa.text("SELECT audio_stored FROM conversation WHERE conversation_id = :cid"), {"cid": conversation_id}
         ).first()
     assert stored is not None
     if payload["type"] == payloads.AUDIO:
-        assert stored.has_audio
+        assert stored.audio_stored
         box.audio_ids.append(conversation_id)
 
 
@@ -794,7 +794,6 @@ def test_an_injection_in_a_filter_value_matches_only_what_equals_it(seeded: Box,
         [("var.x') OR 1=1 --", "a")],
         [('var.x"]', "a")],
         [("var.", "a")],
-        [("var.x.y", "a")],
         [("var.$", "a")],
         [("label.a' OR '1'='1", "b")],
         [("limit", "1; DROP TABLE conversation")],

@@ -185,5 +185,5 @@ def assert_every_conversation_is_stored(
         record = stored[conversation.conversation_id]
         assert record["status"] == conversation.status and record["complete"], conversation.conversation_id
         assert record["transcript"] == conversation.transcript(), conversation.conversation_id
-        assert record["has_audio"] == conversation.has_audio, conversation.conversation_id
+        assert record["audio_stored"] == conversation.has_audio, conversation.conversation_id
     assert audio_mismatches(stored, data_dir) == []
