@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,11 +18,15 @@ from starlette.testclient import TestClient
 from service.api.auth import requires_bearer
 from service.api.openapi import UNDOCUMENTED, openapi_path
 from service.config import Settings
+from service.reconcile.ledger import Counts, Report, finish_run, start_run
+from service.reconcile.windows import Window
 from service.record.fields import FIELDS
+from service.storage.db import transaction
 from service.web.app import create_app
 from tests.support import records
 
 AUTH = {"Authorization": "Bearer test-token"}
+AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 # Routes whose behaviour needs a counterpart schemathesis cannot play: ElevenLabs (the session broker).
 NOT_FUZZED = ["/v1/sessions"]
 
@@ -36,6 +41,9 @@ def app(settings: Settings, engine: Engine) -> Iterator[Starlette]:
             records.audio("conv_1", settings.data_dir, b"ID3" + bytes(200)),
         ],
     )
+    report = Report(Counts(listed=3), agents=["agent_a"], dry_run=False, warnings=["the post-call webhook is off"])
+    run_id = transaction(engine, lambda conn: start_run(conn, "test holder", AT))
+    transaction(engine, lambda conn: finish_run(conn, run_id, report, [Window(100, 200)], AT))
     application = create_app(settings, engine=engine)
     with TestClient(application):  # runs the lifespan, so the app's state exists while schemathesis calls it
         yield application
@@ -104,8 +112,15 @@ def test_the_record_schemas_name_what_the_api_serves_in_its_order(app: Starlette
     with TestClient(app) as client:
         listed = client.get("/v1/conversations", headers=AUTH).json()["conversations"]
         detail = client.get("/v1/conversations/conv_1", headers=AUTH).json()
-    for served, schema in [(listed[0], schemas["Conversation"]), (detail, schemas["ConversationDetail"])]:
+        run = client.get("/v1/reconcile/runs", headers=AUTH).json()["runs"][0]
+    served_and_schemas = [
+        (listed[0], schemas["Conversation"]),
+        (detail, schemas["ConversationDetail"]),
+        (run, schemas["ReconcileRun"]),
+    ]
+    for served, schema in served_and_schemas:
         assert list(schema["properties"]) == list(served) == schema["required"]
+    for schema in (schemas["Conversation"], schemas["ConversationDetail"]):
         assert all(prop["description"] for prop in schema["properties"].values())
     assert {field.name for field in FIELDS} == set(schemas["ConversationDetail"]["properties"])
 

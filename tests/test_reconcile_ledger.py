@@ -11,9 +11,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
 from service.reconcile.command import describe
-from service.reconcile.ledger import COUNTS, RUN_FIELDS, Counts, Report, finish_run, runs, start_run
+from service.reconcile.ledger import COUNTS, Counts, Report, finish_run, runs, start_run
 from service.reconcile.windows import Window
 from service.storage.db import transaction
+from service.storage.tables import RUN_FIELDS
 
 AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

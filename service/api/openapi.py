@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 from service.api import query_params
 from service.api.auth import ENABLE_HINT, requires_bearer
 from service.record.fields import DETAIL_ONLY, FILTERS, LISTED, Kind, RecordField
+from service.storage.tables import RUN_COUNTS
 
 UNDOCUMENTED = "undocumented"
 _CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
@@ -74,9 +75,9 @@ RUN_PROPERTIES: dict[str, Any] = {
     "agents": _nullable("array"),
     "window_start_unix": _nullable("integer"),
     "window_end_unix": _nullable("integer"),
-    **{name: {"type": "integer"} for name in ("listed", "new", "updated", "details_fetched", "audio_fetched")},
-    "failed": {"type": "integer"},
     "error": _nullable("string"),
+    "warnings": {**_nullable("array"), "description": "sentences for a person; a run with warnings may succeed"},
+    **{name: {"type": "integer"} for name in RUN_COUNTS},
 }
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from service.api.query_params import ConversationFilter, Cursor, JsonMatch
 from service.record import fields
-from service.storage.tables import Conversation, ReconcileRun
+from service.storage.tables import RUN_FIELDS, Conversation, ReconcileRun
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
@@ -34,24 +34,6 @@ reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 # The record's fields (record/fields.py): the list answer's, in order; the single record adds DETAIL_FIELDS.
 RECORD_FIELDS = tuple(entry.name for entry in fields.LISTED)
 DETAIL_FIELDS = tuple(entry.name for entry in fields.DETAIL_ONLY)
-RUN_FIELDS = (
-    "id",
-    "started_at",
-    "finished_at",
-    "status",
-    "holder",
-    "dry_run",
-    "agents",
-    "window_start_unix",
-    "window_end_unix",
-    "listed",
-    "new",
-    "updated",
-    "details_fetched",
-    "audio_fetched",
-    "failed",
-    "error",
-)
 # The JSON a field must hold to be served as it is; anything else reads as absent (null).
 _JSON_SHAPES: dict[str, type] = {
     entry.name: dict if entry.kind is fields.Kind.OBJECT else list for entry in fields.FIELDS if entry.is_json

@@ -9,7 +9,7 @@
   every run for ever.
 
 A run's counts are listed once, in `RunCounts` (storage/tables.py): the run record's count columns, `Counts`, the
-`--json` object, the summary and `RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function
+`--json` object, the summary and `tables.RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function
 takes a Connection inside a transaction the caller owns (the reconciler runs them in a worker thread).
 """
 
@@ -28,7 +28,14 @@ from sqlalchemy.engine import Connection
 
 from service.reconcile.windows import Window
 from service.storage.db import insert_ignoring_conflict
-from service.storage.tables import ReconcileCheckpoint, ReconcileLease, ReconcileNotFound, ReconcileRun, RunCounts
+from service.storage.tables import (
+    RUN_COUNTS,
+    ReconcileCheckpoint,
+    ReconcileLease,
+    ReconcileNotFound,
+    ReconcileRun,
+    RunCounts,
+)
 
 LEASE_NAME = "reconcile"
 LEASE_TTL_SECONDS = 600
@@ -49,9 +56,7 @@ class Counts(RunCounts):
         return self.model_dump()
 
 
-COUNTS: tuple[str, ...] = tuple(RunCounts.model_fields)
-# A run record as the read API serves it: the run's own columns, then its counts.
-RUN_FIELDS: tuple[str, ...] = (*(column.name for column in runs.c if column.name not in COUNTS), *COUNTS)
+COUNTS = RUN_COUNTS
 
 
 @dataclass

@@ -195,6 +195,14 @@ class ReconcileRun(RunCounts, table=True):
     warnings: list[Any] | None = _json()  # sentences for a person; a run with warnings may still succeed
 
 
+RUN_COUNTS: tuple[str, ...] = tuple(RunCounts.model_fields)
+# A run record as the read API serves it: the run's own columns, then its counts.
+RUN_FIELDS: tuple[str, ...] = (
+    *(column.name for column in ReconcileRun.__table__.c if column.name not in RUN_COUNTS),  # type: ignore[attr-defined]
+    *RUN_COUNTS,
+)
+
+
 class ReconcileNotFound(SQLModel, table=True):
     """A conversation the API lists but whose detail answers 404: how many runs met that, until one gives it up."""
 
