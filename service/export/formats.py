@@ -4,12 +4,7 @@
 - JSON lines: one record per line, each exactly the JSON of `GET /v1/conversations/{id}` (the API's own encoder).
 - CSV: the list fields (those of `GET /v1/conversations`), a header row of their names. An absent value is an empty
   field; booleans are `true`/`false`; objects (`dynamic_variables`, `labels`) are JSON text.
-- Parquet: every field, one row group per batch, the schema fixed up front from record/fields.py. Timestamps are
-  Parquet timestamps (UTC, microseconds): the same instants the API writes as ISO-8601, typed so that a query can
-  compare them. Transcript, analysis, metadata, dynamic variables and labels are JSON text, not nested types:
-  their content is ElevenLabs' free-form JSON, so the struct inferred from one batch (a key, a type) would differ
-  from the next batch's, and one file has one schema. JSON text holds every value as it was sent, and DuckDB,
-  pandas and warehouses read it with their JSON functions.
+- Parquet: every field (export/parquet.py).
 """
 
 from __future__ import annotations
@@ -22,11 +17,7 @@ from enum import StrEnum
 from pathlib import PurePath
 from typing import Any, BinaryIO, Protocol
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS
+from service.api.reads import RECORD_FIELDS
 from service.api.routes import json_bytes
 from service.record import fields
 from service.record.fields import Kind
@@ -77,6 +68,9 @@ def open_writer(fmt: Format, stream: BinaryIO) -> Writer:
         return JsonLinesWriter(stream)
     if fmt is Format.CSV:
         return CsvWriter(stream)
+    # Imported here: pyarrow adds ~60 MiB of RSS and a second of start-up that JSON lines and CSV do not need.
+    from service.export.parquet import ParquetWriter
+
     return ParquetWriter(stream)
 
 
@@ -95,15 +89,16 @@ def _csv_boolean(value: Any) -> Any:
     return value if value is None else ("true" if value else "false")
 
 
-def _json_text(value: Any) -> Any:
+def json_text(value: Any) -> Any:
+    """An object or list as the API's JSON, as text; None stays None."""
     return value if value is None else json_bytes(value).decode()
 
 
 # A field's CSV text, for the fields whose Python value would not already be written as users expect.
 _CSV_CELL: dict[Kind, Callable[[Any], Any]] = {
     Kind.BOOLEAN: _csv_boolean,
-    Kind.OBJECT: _json_text,
-    Kind.LIST: _json_text,
+    Kind.OBJECT: json_text,
+    Kind.LIST: json_text,
 }
 
 
@@ -125,50 +120,3 @@ class CsvWriter:
     def close(self) -> None:
         self._text.flush()
         self._text.detach()  # the stream belongs to the caller
-
-
-_ARROW_TYPES: dict[Kind, pa.DataType] = {
-    Kind.TEXT: pa.string(),
-    Kind.INTEGER: pa.int64(),
-    Kind.NUMBER: pa.float64(),
-    Kind.BOOLEAN: pa.bool_(),
-    Kind.OBJECT: pa.string(),  # JSON text: see the module's docstring
-    Kind.LIST: pa.string(),
-    Kind.TIMESTAMP: pa.timestamp("us", tz="UTC"),
-}
-
-
-def parquet_schema() -> pa.Schema:
-    """One column per field of `GET /v1/conversations/{id}`, in its order, typed by the field's kind."""
-    return pa.schema(
-        [
-            pa.field(name, _ARROW_TYPES[fields.BY_NAME[name].kind], nullable=fields.BY_NAME[name].nullable)
-            for name in (*RECORD_FIELDS, *DETAIL_FIELDS)
-        ]
-    )
-
-
-class ParquetWriter:
-    def __init__(self, stream: BinaryIO) -> None:
-        self._schema = parquet_schema()
-        # zstd: transcripts are repetitive JSON text; it shrinks them much more than snappy does, and every
-        # Parquet reader of note (DuckDB, pandas, Spark, BigQuery) reads it.
-        self._writer = pq.ParquetWriter(stream, self._schema, compression="zstd")
-
-    def write(self, batch: Sequence[Record]) -> None:
-        if batch:
-            columns = [_arrow_column(field, [record[field.name] for record in batch]) for field in self._schema]
-            self._writer.write_table(pa.Table.from_arrays(columns, schema=self._schema))
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def _arrow_column(field: pa.Field, values: list[Any]) -> pa.Array:
-    entry = fields.BY_NAME[field.name]
-    if entry.is_json:
-        return pa.array([_json_text(value) for value in values], type=pa.string())
-    if entry.kind is Kind.TIMESTAMP:
-        # The record holds the API's ISO-8601 text (api/reads.py writes it); Arrow reads it back to the same instant.
-        return pc.cast(pa.array(values, type=pa.string()), field.type)
-    return pa.array(values, type=field.type)
