@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Annotated, NoReturn
 
@@ -223,6 +222,7 @@ def export(
     output: Annotated[str | None, typer.Option(help="File to write; - or none is standard output.")] = None,
 ) -> None:
     """Write every matching conversation, oldest start first, as JSON lines, CSV or Parquet."""
+    import os
     import time
 
     from service.export.command import Destination, ExportUsageError, execute, parse_selection

@@ -62,8 +62,16 @@ def count(engine: Engine, selection: Selection) -> int:
     if not selection.undated_included:
         where.append(conversations.c.start_time_unix_secs.is_not(None))
     query = sa.select(sa.func.count()).select_from(conversations).where(*where)
-    with unavailable_as_store_error(), engine.connect() as conn:
+    with unavailable_as_store_error(), engine.connect() as conn, conn.begin():
+        _without_statement_timeout(conn)
         return int(conn.execute(query).scalar_one())
+
+
+def _without_statement_timeout(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # The service's statement timeout bounds a request; counting millions of records, or sorting them when
+        # several agents are named, may take longer, and the export is not a request.
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
 
 
 def batches(
@@ -96,8 +104,7 @@ def _streamed(
     with unavailable_as_store_error(), engine.connect() as conn:
         conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         with conn.begin():
-            # The service's statement timeout bounds a request; a full export's first fetch may sort for longer.
-            conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+            _without_statement_timeout(conn)
             for scan in scans:
                 yield from conn.execute(scan.with_only_columns(*columns), execution_options=streamed).partitions()
 
