@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 
 from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS, iso
 from service.config import Settings
-from service.export import query
+from service.export import parquet, query
 from service.export.command import Destination, ExportUsageError, export, parse_selection
 from service.export.formats import Format, FormatError, choose_format
 from service.export.query import Selection
@@ -187,6 +187,7 @@ def test_each_format_holds_what_the_read_api_serves_in_start_order(
     assert by_id["conv_old"]["dynamic_variables"] == {"tier": "gold", "n": 7}
     assert by_id["conv_session"]["labels"] == {"room": "r-9"}
     assert f"exported {len(ORDER)} conversation(s) as {fmt.value}" in done.stderr.decode()
+    assert target.stat().st_mode & 0o777 == 0o600  # callers' personal data: its owner's only
 
 
 @pytest.mark.usefixtures("stored")
@@ -239,6 +240,19 @@ def test_standard_output_holds_only_the_data(fmt: Format, settings: Settings, tm
     assert [record["conversation_id"] for record in READERS[fmt](done.stdout)] == ORDER
     assert done.stderr.decode().strip() == f"exported {len(ORDER)} conversation(s) as {fmt.value} to standard output"
     assert not list(work.iterdir())
+
+
+@pytest.mark.usefixtures("stored")
+def test_a_reader_that_goes_away_ends_the_export_quietly(settings: Settings, tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `postcall export | head -0`: the first write finds no reader
+    try:
+        command = [sys.executable, "-m", "service", "export"]
+        done = subprocess.run(command, cwd=tmp_path, env=cli_env(settings), stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == b""
 
 
 @pytest.mark.usefixtures("stored")
@@ -357,6 +371,20 @@ def test_selection_parses_the_reconcilers_forms() -> None:
         choose_format("tsv", None)
 
 
+def test_parquet_row_groups_gather_batches_up_to_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 4)
+    record = {**dict.fromkeys((*RECORD_FIELDS, *DETAIL_FIELDS)), "first_seen_via": "webhook"}
+    record |= {"has_audio": False, "complete": False}
+    out = io.BytesIO()
+    writer = parquet.ParquetWriter(out)
+    for n in range(5):
+        writer.write([{**record, "conversation_id": f"conv_{n}a"}, {**record, "conversation_id": f"conv_{n}b"}])
+    writer.close()
+    metadata = pq.ParquetFile(io.BytesIO(out.getvalue())).metadata
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [4, 4, 2]
+    assert pq.read_table(io.BytesIO(out.getvalue())).column("conversation_id").to_pylist()[-1] == "conv_4b"
+
+
 def _peak_bytes(engine: Engine, fmt: Format) -> int:
     """The export's peak memory: Python's allocations (tracemalloc) plus Arrow's buffers (its own pool)."""
     pool = pa.proxy_memory_pool(pa.default_memory_pool())
@@ -380,7 +408,9 @@ def _seed(engine: Engine, first: int, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_from_2000_to_20000_conversations(engine: Engine) -> None:
+def test_memory_stays_flat_from_2000_to_20000_conversations(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Row groups of two batches, so that 20,000 records make ten of them as a million would make many.
+    monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 2000)
     _seed(engine, 0, 2000)
     small = {fmt: _peak_bytes(engine, fmt) for fmt in Format}
     _seed(engine, 2000, 18_000)
