@@ -239,6 +239,49 @@ def reconcile(
 
 
 @app.command()
+def export(
+    since: Annotated[
+        str | None, typer.Option(help="Start time from (inclusive): 7d, ISO-8601 or unix seconds.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Start time before (exclusive): same forms.")] = None,
+    agent: Annotated[
+        list[str] | None, typer.Option("--agent", help="Agent id (repeatable); default every agent.")
+    ] = None,
+    format_: Annotated[
+        str | None, typer.Option("--format", help="jsonl, csv or parquet; default from --output's suffix, else jsonl.")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="File to write; - or none is standard output.")] = None,
+) -> None:
+    """Write every matching conversation, oldest start first, as JSON lines, CSV or Parquet."""
+    import os
+    import time
+
+    from service.export.command import Destination, ExportUsageError, execute, parse_selection
+    from service.export.formats import FormatError, choose_format
+    from service.storage.db import StoreUnavailable
+
+    try:
+        selection = parse_selection(since, until, agent or (), int(time.time()))
+        fmt = choose_format(format_, output)
+        destination = Destination.of(output)
+    except (ExportUsageError, FormatError) as exc:
+        fail(str(exc))
+    settings = settings_or_exit()
+    setup_logging()
+    try:
+        written = execute(settings.database_url, selection, fmt, destination)
+    except StoreUnavailable as exc:
+        fail(f"database unavailable: {exc}", code=1)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining as it flushes stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        fail(f"cannot write {destination.describe()}: {exc.strerror or exc}", code=1)
+    typer.echo(f"exported {written} conversation(s) as {fmt.value} to {destination.describe()}", err=True)
+
+
+@app.command()
 def simulate(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port of the fake API.")] = 8700,

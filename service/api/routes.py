@@ -49,14 +49,19 @@ class RangeNotSatisfiable(Exception):
         self.size = size
 
 
+def json_bytes(content: Any) -> bytes:
+    """How the API writes JSON (`postcall export` writes its records with it too)."""
+    try:
+        return orjson.dumps(content)
+    except TypeError:  # an integer beyond 64 bits inside stored JSON: slower, but never a 500
+        return json.dumps(content, default=str).encode()
+
+
 class JSONBody(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content)
-        except TypeError:  # an integer beyond 64 bits inside stored JSON: slower, but never a 500
-            return json.dumps(content, default=str).encode()
+        return json_bytes(content)
 
 
 def _read(engine: Engine, work: Callable[[Connection], T]) -> T:
