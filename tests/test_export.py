@@ -29,7 +29,7 @@ from service.export.command import Destination, ExportUsageError, export, parse_
 from service.export.formats import Format, FormatError, choose_format
 from service.export.query import Selection
 from service.record import fields, payloads
-from service.record.fields import Kind
+from service.record.fields import FIELDS, Kind
 from service.record.merge import Observation, Source
 from service.testing.samples import SampleType, sample_event
 from service.web.app import create_app
@@ -373,8 +373,8 @@ def test_selection_parses_the_reconcilers_forms() -> None:
 
 def test_parquet_row_groups_gather_batches_up_to_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 4)
-    record = {**dict.fromkeys((*RECORD_FIELDS, *DETAIL_FIELDS)), "first_seen_via": "webhook"}
-    record |= {"has_audio": False, "complete": False}
+    # A new record's values (what the field list says), so every column that cannot be null holds something.
+    record = {field.name: field.default for field in FIELDS} | {"first_seen_via": "webhook"}
     out = io.BytesIO()
     writer = parquet.ParquetWriter(out)
     for n in range(5):
