@@ -169,8 +169,8 @@ def purge(
 
     from service.reconcile.windows import WindowError, parse_duration
     from service.record import purge as retention
-    from service.storage.audio import BlobStore
     from service.storage.db import StoreUnavailable, create_engine
+    from service.storage.stores import open_audio_store
 
     try:
         age = parse_duration(older_than)
@@ -189,7 +189,7 @@ def purge(
         if dry_run:
             report = retention.count(engine, cutoff, audio_only)
         else:
-            report = retention.purge(engine, BlobStore(settings.data_dir), cutoff, audio_only)
+            report = retention.purge(engine, open_audio_store(settings), cutoff, audio_only)
     except StoreUnavailable as exc:
         fail(f"database unavailable: {exc}", code=1)
     finally:
