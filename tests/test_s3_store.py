@@ -18,6 +18,7 @@ from service.config import Settings
 from service.record import purge as retention
 from service.record import store
 from service.record.payloads import Source
+from service.storage.copy import copy_audio
 from service.storage.db import transaction
 from service.storage.s3 import PART_BYTES, S3Store, make_client
 from service.storage.stores import open_audio_store
@@ -233,3 +234,28 @@ def test_purge_deletes_the_objects(bucket_settings: Settings, engine: Engine, bu
     assert keys(s3_endpoint, bucket) == {}
     with engine.connect() as conn:
         assert conn.execute(sa.select(retention.conversations.c.audio_stored)).scalar_one() is False
+
+
+def test_audio_copy_is_complete_verified_and_resumable(
+    settings: Settings, engine: Engine, bucket: str, s3_endpoint: str
+) -> None:
+    audios = {f"conv_copy{n}": bytes([n]) * (PART_BYTES + n * 1000) for n in range(1, 4)}
+    with live_server(create_app(settings, engine=engine)) as base:  # the file store
+        for conversation_id, audio in audios.items():
+            assert post_event(base, webhooks.audio(conversation_id, audio)).status_code == 200
+    source = open_audio_store(settings)
+    target = open_audio_store(s3_settings(settings, bucket, s3_endpoint))
+    assert isinstance(target, S3Store)
+
+    def interrupt(relpath: str) -> None:
+        raise KeyboardInterrupt  # the operator's Ctrl-C after the first object
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_audio(source, target, interrupt)
+    first = copy_audio(source, target)
+    assert (first.copied, first.skipped) == (2, 1)  # resumed: the first object was verified, not written again
+    again = copy_audio(source, target)
+    assert (again.copied, again.skipped) == (0, 3)
+    expected = {f"rec/audio/{cid}.mp3": audio for cid, audio in audios.items()}
+    assert keys(s3_endpoint, bucket) == expected
+    assert unfinished_uploads(s3_endpoint, bucket) == []

@@ -166,13 +166,29 @@ class S3TempBlob(TempBlob):
         after_commit(self._settle)
         return relpath
 
+    def place(self, relpath: str) -> None:
+        """Copy the staged object to `relpath` outside any record's transaction (`postcall audio copy`: the record
+        already names that path), then remove the staged object."""
+        self.sync()
+        client, bucket = self._s3.client, self._s3.location.bucket
+        _call(
+            "CopyObject",
+            client.copy_object,
+            Bucket=bucket,
+            Key=self._s3.key(relpath),
+            CopySource={"Bucket": bucket, "Key": self.key},
+        )
+        self._committed = True
+        self._settle()
+
     def _settle(self) -> None:
         """The record committed: the claim and the staged object are no longer needed. A store that fails now
         leaves them to start-up, which keeps the audio (a record claims it)."""
         self._settled = True
-        with contextlib.suppress(OSError):
-            self._s3.delete(self._claim_key or "")
-            self._s3.delete(self.key)
+        for key in (self._claim_key, self.key):
+            if key is not None:
+                with contextlib.suppress(OSError):
+                    self._s3.delete(key)
 
     def discard(self) -> None:
         """Abort or remove the staged upload. Never raises: it runs on error paths. A commit whose transaction
