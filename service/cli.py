@@ -169,8 +169,8 @@ def purge(
 
     from service.reconcile.windows import WindowError, parse_duration
     from service.record import purge as retention
-    from service.storage.audio import BlobStore
     from service.storage.db import StoreUnavailable, create_engine
+    from service.storage.stores import open_audio_store
 
     try:
         age = parse_duration(older_than)
@@ -189,7 +189,7 @@ def purge(
         if dry_run:
             report = retention.count(engine, cutoff, audio_only)
         else:
-            report = retention.purge(engine, BlobStore(settings.data_dir), cutoff, audio_only)
+            report = retention.purge(engine, open_audio_store(settings), cutoff, audio_only)
     except StoreUnavailable as exc:
         fail(f"database unavailable: {exc}", code=1)
     finally:
@@ -279,6 +279,46 @@ def export(
     except OSError as exc:
         fail(f"cannot write {destination.describe()}: {exc.strerror or exc}", code=1)
     typer.echo(f"exported {written} conversation(s) as {fmt.value} to {destination.describe()}", err=True)
+
+
+audio_app = typer.Typer(help="Move stored audio between stores.", no_args_is_help=True)
+app.add_typer(audio_app, name="audio")
+
+
+@audio_app.command("copy")
+def audio_copy(
+    to: Annotated[str, typer.Option("--to", help="The target bucket: s3://bucket/prefix.")],
+) -> None:
+    """Copy every stored audio file to a bucket: verified (size and SHA-256), resumable, skipping what is there."""
+    from rich.progress import Progress
+
+    from service.storage.copy import CopyMismatch, copy_audio, count_audio
+    from service.storage.s3 import S3Store
+    from service.storage.s3_location import StoreURLError
+    from service.storage.stores import open_audio_store
+
+    settings = settings_or_exit()
+    setup_logging()
+    try:
+        target = open_audio_store(settings, to)
+    except StoreURLError as exc:
+        fail(f"--to: {exc}")
+    if not isinstance(target, S3Store):
+        fail("--to: expected s3://bucket/prefix")
+    source = open_audio_store(settings)
+    try:
+        with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
+            task = progress.add_task("copying audio", total=count_audio(source))
+            report = copy_audio(source, target, lambda relpath: progress.advance(task))
+    except CopyMismatch as exc:
+        fail(str(exc), code=1)
+    except OSError as exc:
+        fail(f"copy stopped (run it again to resume): {exc.strerror or exc}", code=1)
+    typer.echo(
+        f"copied {report.copied} audio file(s) ({report.bytes_copied:,} bytes) to {target.describe()}; "
+        f"{report.skipped} already there",
+        err=True,
+    )
 
 
 @app.command()

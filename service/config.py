@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # Disk that webhook bodies whose signature is not yet checked may hold together (see webhook/pending.py).
     max_pending_bytes: int = Field(default=536_870_912, gt=0)
     data_dir: Path = Path("./postcall-data")
+    # `file` or s3://bucket/prefix; credentials and region of a bucket come from the standard AWS_* variables.
+    audio_store: str = "file"
+    s3_endpoint_url: str | None = None  # MinIO, R2, SeaweedFS…; None is AWS
     elevenlabs_api_key: SecretStr | None = None
     elevenlabs_base_url: str = "https://api.elevenlabs.io"
     agent_ids: CommaList = ()
@@ -49,6 +52,21 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator("audio_store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        value = value.strip()
+        if value != "file":
+            from service.storage.s3_location import S3Location
+
+            S3Location.parse(value)  # a StoreURLError is a ValueError: one line naming the variable
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _blank_endpoint_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("elevenlabs_api_key")
     @classmethod

@@ -216,7 +216,7 @@ def test_shellcheck_finds_no_warnings_in_the_ci_script() -> None:
 
 def test_env_example_lists_every_setting() -> None:
     text = (DEPLOY / ".env.example").read_text()
-    listed = set(re.findall(r"^#? ?(POSTCALL_[A-Z_]+)=", text, flags=re.MULTILINE))
+    listed = set(re.findall(r"^#? ?(POSTCALL_[A-Z0-9_]+)=", text, flags=re.MULTILINE))
     assert listed == SETTINGS_VARIABLES
     assert "POSTGRES_PASSWORD=" in text  # compose interpolates it
 

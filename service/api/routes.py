@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,7 +28,8 @@ from service.api import reads
 from service.api.auth import bearer_protected
 from service.api.query_params import encode_cursor, parse_filter, parse_runs_limit
 from service.record.payloads import valid_conversation_id
-from service.storage.db import unavailable_as_store_error
+from service.storage.audio import AudioReader
+from service.storage.db import StoreUnavailable, unavailable_as_store_error
 from service.web.state import app_state
 
 log = logging.getLogger("postcall.read_api")
@@ -101,16 +101,19 @@ async def get_audio(request: Request) -> Response:
     relpath = await read(request, lambda conn: reads.stored_audio(conn, conversation_id))
     if relpath is None:
         raise NotFound("no audio stored for this conversation")
+    blobs = app_state(request).blobs
     try:
-        file = await anyio.open_file(app_state(request).blobs.path_of(relpath), "rb")
-    except (OSError, ValueError):
+        audio = await anyio.to_thread.run_sync(blobs.open_audio, relpath)
+    except (FileNotFoundError, ValueError):
         log.warning("audio file missing from the blob store", extra={"conversation_id": conversation_id})
         raise NotFound("no audio stored for this conversation") from None
-    size = (await anyio.to_thread.run_sync(os.fstat, file.wrapped.fileno())).st_size
+    except OSError as exc:  # the store did not answer: 503, like any storage outage
+        raise StoreUnavailable(f"{blobs.describe()}: {exc.strerror}") from None
+    size = audio.size
     try:
         wanted = None if "if-range" in request.headers else requested_range(request.headers.get("range"), size)
     except RangeNotSatisfiable:
-        await file.aclose()
+        audio.close()
         raise
     headers = {"accept-ranges": "bytes"}
     if wanted is None:
@@ -119,7 +122,7 @@ async def get_audio(request: Request) -> Response:
         status = 206
         headers["content-range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
     headers["content-length"] = str(wanted.length)
-    return StreamingResponse(_chunks(file, wanted), status_code=status, headers=headers, media_type="audio/mpeg")
+    return StreamingResponse(_chunks(audio, wanted), status_code=status, headers=headers, media_type="audio/mpeg")
 
 
 @dataclass(frozen=True)
@@ -154,19 +157,22 @@ def requested_range(header: str | None, size: int) -> ByteRange | None:
     return ByteRange(start, min(int(last), size - 1) if last else size - 1)
 
 
-async def _chunks(file: anyio.AsyncFile[bytes], wanted: ByteRange) -> AsyncIterator[bytes]:
+async def _chunks(audio: AudioReader, wanted: ByteRange) -> AsyncIterator[bytes]:
+    """The range, chunk by chunk, each read in a worker thread (a file or a bucket's ranged GET alike)."""
+    chunks = audio.chunks(wanted.start, wanted.length, AUDIO_CHUNK_BYTES)
     try:
-        await file.seek(wanted.start)
-        remaining = wanted.length
-        while remaining > 0:
-            chunk = await file.read(min(AUDIO_CHUNK_BYTES, remaining))
-            if not chunk:
-                break  # the file shrank under us; the client sees a short body rather than a hang
-            remaining -= len(chunk)
+        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
             yield chunk
     finally:
         with anyio.CancelScope(shield=True):
-            await file.aclose()
+            await anyio.to_thread.run_sync(_close, chunks, audio)
+
+
+def _close(chunks: Iterator[bytes], audio: AudioReader) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+    audio.close()
 
 
 async def list_runs(request: Request) -> Response:

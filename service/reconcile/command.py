@@ -22,9 +22,9 @@ from service.config import Settings
 from service.elevenlabs import ElevenLabsClient
 from service.reconcile.ledger import Counts, LeaseHeld, Report
 from service.reconcile.reconciler import Options, Reconciler
-from service.storage.audio import BlobStore
 from service.storage.db import StoreUnavailable, create_engine
 from service.storage.migrations import unmigrated
+from service.storage.stores import open_audio_store
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -44,7 +44,7 @@ def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO 
 
     async def go(on_progress: Callable[[Counts], None] | None) -> Report:
         async with ElevenLabsClient.open(settings.elevenlabs_base_url, api_key) as client:
-            reconciler = Reconciler(engine, client, BlobStore(settings.data_dir), on_progress=on_progress)
+            reconciler = Reconciler(engine, client, open_audio_store(settings), on_progress=on_progress)
             return await reconciler.run(options)
 
     try:

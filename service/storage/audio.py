@@ -32,15 +32,16 @@ file system has no locks, nothing guards the path and a purge racing a write can
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from service.storage.db import after_commit
 
@@ -57,6 +58,44 @@ def audio_relpath(conversation_id: str) -> str:
         return f"audio/{conversation_id}.mp3"
     digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
     return f"audio/_/{digest}.mp3"
+
+
+class AudioReader(Protocol):
+    """One stored audio object opened for reading: its size, then byte ranges in bounded chunks."""
+
+    size: int
+
+    def chunks(self, start: int, length: int, chunk_bytes: int) -> Iterator[bytes]:
+        """`length` bytes from `start`, at most `chunk_bytes` at a time (blocking: iterate in a worker thread)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AudioStoreError(OSError):
+    """The audio store (a bucket) did not answer or refused; `strerror` says which call and why, never a secret."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+class _FileReader:
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.size = os.fstat(file.fileno()).st_size
+
+    def chunks(self, start: int, length: int, chunk_bytes: int) -> Iterator[bytes]:
+        self._file.seek(start)
+        remaining = length
+        while remaining > 0:
+            chunk = self._file.read(min(chunk_bytes, remaining))
+            if not chunk:
+                return  # the file shrank under us; the client sees a short body rather than a hang
+            remaining -= len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,8 +206,27 @@ class TempBlob:
 
 
 class BlobStore:
+    """The audio store interface and its `file` backend: audio under the data dir. Every store keeps webhook
+    spills under the data dir's tmp/; a bucket (storage/s3.py) overrides where the audio itself goes: staging
+    (`open_temp`), reading (`open_audio`, `list_audio`), deleting (`remove_unclaimed`), start-up (`settle_claims`,
+    `clean_temp`) and `probe`."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def describe(self) -> str:
+        return f"the data dir {self.root}"
+
+    def open_audio(self, relpath: str) -> AudioReader:
+        """The stored audio at `relpath`; FileNotFoundError when it is not there (ValueError for a bad path)."""
+        return _FileReader(self.path_of(relpath).open("rb"))
+
+    def list_audio(self) -> Iterator[str]:
+        """Every stored audio path (relative to the data dir), in no particular order."""
+        audio = self.root / "audio"
+        for path in audio.rglob("*.mp3"):
+            if path.is_file():
+                yield path.relative_to(self.root).as_posix()
 
     @property
     def temp_dir(self) -> Path:

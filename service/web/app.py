@@ -19,8 +19,9 @@ from service.broker import routes as broker_routes
 from service.broker import sessions
 from service.config import Settings
 from service.record import store
-from service.storage.audio import BlobStore
+from service.storage.audio import AudioStoreError, BlobStore
 from service.storage.db import StoreUnavailable, create_engine, transaction
+from service.storage.stores import open_audio_store
 from service.web import health, metrics
 from service.web.errors import EXCEPTION_HANDLERS, unexpected
 from service.web.state import AppState
@@ -46,7 +47,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own_engine = engine is None
         db = create_engine(settings.database_url) if engine is None else engine
-        blobs = BlobStore(settings.data_dir)
+        blobs = open_audio_store(settings)
         await anyio.to_thread.run_sync(_tidy_data_dir, blobs, db)
         elevenlabs = sessions.elevenlabs_client(settings)
         writer = BatchWriter(db)
@@ -99,13 +100,19 @@ def create_app(
 
 
 def _tidy_data_dir(blobs: BlobStore, engine: Engine) -> None:
-    """Undo what writers that crashed left in the data dir: audio put in place by a transaction that never
-    committed, then temp files nobody is writing any more."""
+    """Undo what writers that crashed left in the audio store: audio put in place by a transaction that never
+    committed, then temp files (staged uploads) nobody is writing any more. A bucket that does not answer leaves
+    them for the next start: serving must not wait for it (audio webhooks get 503 until it answers)."""
     try:
         blobs.settle_claims(lambda relpath: transaction(engine, lambda conn: store.audio_is_claimed(conn, relpath)))
     except StoreUnavailable as exc:
         log.warning("audio of interrupted writes left for the next start: database unavailable (%s)", exc)
-    blobs.clean_temp()
+    except AudioStoreError as exc:
+        log.warning("audio of interrupted writes left for the next start: %s (%s)", blobs.describe(), exc.strerror)
+    try:
+        blobs.clean_temp()
+    except AudioStoreError as exc:
+        log.warning("staged uploads left for the next start: %s (%s)", blobs.describe(), exc.strerror)
 
 
 def _state(app: Starlette) -> AppState:

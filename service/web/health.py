@@ -1,6 +1,7 @@
 """`/healthz` (the process answers) and `/readyz` (it can store a webhook now, within a short timeout).
 
-Ready means: the database takes a commit (db.ping), the data dir takes a new file, and each disk postcall writes
+Ready means: the database takes a commit (db.ping), the audio store takes a new file (a bucket: an object put
+and deleted, each call bounded by the client's timeouts and this probe's own), and each disk postcall writes
 to — the data dir's and, for SQLite, the database's — has at least MIN_FREE_BYTES free. A commit probe alone is not
 enough on a full disk: SQLite reuses the free room of its WAL after a checkpoint, so a one-page commit still fits
 while every webhook's batch, which needs the WAL or the database file to grow, gets 503 (measured: /readyz 200
@@ -48,7 +49,7 @@ def ready(engine: Engine, blobs: BlobStore) -> None:
     try:
         blobs.probe()
     except OSError as exc:
-        raise StoreUnavailable(f"the data dir cannot take a file: {exc.strerror}") from exc
+        raise StoreUnavailable(f"{blobs.describe()} cannot take a file: {exc.strerror}") from exc
     for path in (blobs.root, database_dir(engine)):
         free = None if path is None else _free_bytes(path)
         if free is not None and free < MIN_FREE_BYTES:

@@ -27,7 +27,7 @@ import orjson
 import pybase64
 
 from service.record.payloads import PayloadError, may_hold_nul, without_nul
-from service.storage.audio import BlobStore, TempBlob
+from service.storage.audio import AudioStoreError, BlobStore, TempBlob
 from service.storage.db import StoreUnavailable
 from service.webhook.audio_splitter import AudioSplitter, Base64Decoder, StreamFormatError
 from service.webhook.pending import Hold, PendingBudget
@@ -181,6 +181,8 @@ async def read_body(
         await anyio.to_thread.run_sync(arrival.verifier.verify)
         hold.release()  # verified: from here on the body is ElevenLabs', no longer pending
         return await anyio.to_thread.run_sync(_unpack, arrival.spill.file, arrival.digest, arrival.size, blobs)
+    except AudioStoreError as exc:  # the bucket refused a part or did not answer in time
+        raise StoreUnavailable(f"{blobs.describe()}: {exc.strerror}") from exc
     except OSError as exc:  # a temp file could not be written: disk full, data dir unwritable
         raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
     finally:
@@ -263,12 +265,12 @@ def audio_from_payload(data: Mapping[str, Any], blobs: BlobStore) -> TempBlob:
     try:
         blob = blobs.open_temp()
     except OSError as exc:
-        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
+        raise StoreUnavailable(f"audio store: {exc.strerror}") from exc
     try:
         blob.write(audio)
     except OSError as exc:
         blob.discard()  # a disk that fills up half-way must not keep the half that fitted
-        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
+        raise StoreUnavailable(f"audio store: {exc.strerror}") from exc
     return blob
 
 
@@ -278,4 +280,4 @@ def sync_audio(blob: TempBlob) -> None:
     try:
         blob.sync()
     except OSError as exc:
-        raise StoreUnavailable(f"data dir: {exc.strerror}") from exc
+        raise StoreUnavailable(f"audio store: {exc.strerror}") from exc
