@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 from service.api import query_params
 from service.api.auth import ENABLE_HINT, requires_bearer
 from service.record.fields import DETAIL_ONLY, LISTED, Kind, RecordField
+from service.storage.tables import RunCounts
 
 UNDOCUMENTED = "undocumented"
 _CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
@@ -74,9 +75,12 @@ RUN_PROPERTIES: dict[str, Any] = {
     "agents": _nullable("array"),
     "window_start_unix": _nullable("integer"),
     "window_end_unix": _nullable("integer"),
-    **{name: {"type": "integer"} for name in ("listed", "new", "updated", "details_fetched", "audio_fetched")},
-    "failed": {"type": "integer"},
+    **{name: {"type": "integer"} for name in RunCounts.model_fields},
     "error": _nullable("string"),
+    "warnings": _nullable("array", description="sentences for a person; the run may still have succeeded"),
+    "upstream_webhook_healthy": _nullable(
+        "boolean", description="the workspace's post-call webhook as ElevenLabs reported it to the run; null: unknown"
+    ),
 }
 
 

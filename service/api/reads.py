@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from service.api.query_params import ConversationFilter, Cursor, JsonMatch
 from service.record import fields
-from service.storage.tables import Conversation, ReconcileRun
+from service.storage.tables import Conversation, ReconcileRun, RunCounts
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
@@ -44,13 +44,10 @@ RUN_FIELDS = (
     "agents",
     "window_start_unix",
     "window_end_unix",
-    "listed",
-    "new",
-    "updated",
-    "details_fetched",
-    "audio_fetched",
-    "failed",
+    *RunCounts.model_fields,  # the one list of a run's counts
     "error",
+    "warnings",
+    "upstream_webhook_healthy",
 )
 # The JSON a field must hold to be served as it is; anything else reads as absent (null).
 _JSON_SHAPES: dict[str, type] = {
