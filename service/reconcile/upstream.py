@@ -89,24 +89,35 @@ def post_call_webhook(settings: Any, webhooks: Any) -> PostCallWebhook:
 def health_warnings(webhook: PostCallWebhook, now: int) -> list[str]:
     """Sentences for a person, one per problem: disabled, auto-disabled, failed within RECENT_FAILURE_SECONDS
     (an auto-disabled webhook's last failure is said once). No sentence: healthy."""
-    name = webhook.described()
-    warnings = []
-    if webhook.is_disabled:
-        warnings.append(
-            f"{name} is disabled: ElevenLabs sends it nothing; enable it in the workspace's webhook settings"
-        )
-    if webhook.is_auto_disabled:
-        warnings.append(
-            f"{name} was auto-disabled by ElevenLabs after repeated failures{_last_failure(webhook)}: fix what "
-            "failed, then re-enable it in the workspace's webhook settings"
-        )
+    found = (disabled(webhook), auto_disabled(webhook), failed_recently(webhook, now))
+    return [warning for warning in found if warning is not None]
+
+
+def disabled(webhook: PostCallWebhook) -> str | None:
+    if not webhook.is_disabled:
+        return None
+    return (
+        f"{webhook.described()} is disabled: ElevenLabs sends it nothing; enable it in the workspace's webhook settings"
+    )
+
+
+def auto_disabled(webhook: PostCallWebhook) -> str | None:
+    if not webhook.is_auto_disabled:
+        return None
+    return (
+        f"{webhook.described()} was auto-disabled by ElevenLabs after repeated failures{_last_failure(webhook)}: "
+        "fix what failed, then re-enable it in the workspace's webhook settings"
+    )
+
+
+def failed_recently(webhook: PostCallWebhook, now: int) -> str | None:
     recent = webhook.failure_at is not None and now - webhook.failure_at <= RECENT_FAILURE_SECONDS
-    if recent and not webhook.is_auto_disabled:
-        warnings.append(
-            f"{name} failed recently{_last_failure(webhook)}: see postcall's logs; the reconciler stores what the "
-            "webhook missed"
-        )
-    return warnings
+    if not recent or webhook.is_auto_disabled:
+        return None
+    return (
+        f"{webhook.described()} failed recently{_last_failure(webhook)}: see postcall's logs; the reconciler stores "
+        "what the webhook missed"
+    )
 
 
 def assess(settings: Any, webhooks: Any, now: int) -> tuple[bool, list[str]]:
