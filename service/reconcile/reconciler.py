@@ -395,8 +395,9 @@ class Reconciler:
                 await self._audio_failed(conversation_id, str(exc), report)
                 return
             except OSError as exc:
-                report.errors.append(f"{conversation_id}: audio: cannot write it here: {exc}")
-                await self._audio_failed(conversation_id, f"cannot write it here: {exc}", report)
+                why = f"cannot write it to the data dir: {exc}"
+                self._error(report, f"{conversation_id}: audio: {why}")
+                await self._audio_failed(conversation_id, why, report)
                 return
             try:
                 change = await self._db(
@@ -433,9 +434,11 @@ class Reconciler:
         report.counts.updated += tally.updated
 
     def _failed(self, item: _Listed, why: str, report: Report, out: _Outcome) -> None:
-        report.counts.failed += 1
         out.failed_starts.append(item.start)
-        message = f"{item.conversation_id}: {why}"
+        self._error(report, f"{item.conversation_id}: {why}")
+
+    def _error(self, report: Report, message: str) -> None:
+        report.counts.failed += 1
         if len(report.errors) < MAX_ERRORS_KEPT:
             report.errors.append(message)
         log.error("%s", message)

@@ -664,3 +664,31 @@ def test_a_recording_that_fails_twice_then_answers_is_stored_by_a_later_run_and_
     platform.reset_calls()
     assert bounded_reconcile(settings, fake_url, "--audio").json["audio_fetched"] == 0
     assert platform.calls_to("audio") == []
+
+
+def test_a_recording_it_cannot_write_fails_the_run_loudly_but_still_never_holds_the_checkpoint(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    first_clean_run(settings, engine, platform, fake_url)
+    platform.add(FakeConversation("conv_unwritable_audio", "agent_a", NOW - 60, status="done"))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "tmp").write_text("a file where the temp dir should be")  # every temp file fails
+
+    failed = bounded_reconcile(settings, fake_url, "--audio")
+
+    assert failed.exit_code == 1, failed.stderr
+    assert failed.json["audio_fetched"] == 0 and failed.json["failed"] >= 1
+    assert any(
+        e.startswith("conv_unwritable_audio: audio: cannot write it to the data dir:") for e in failed.json["errors"]
+    )
+    assert audio_tries(engine, "conv_unwritable_audio") == 1
+    assert_checkpoints_are_honest(engine, platform)
+    moved = checkpoint(engine, WORKSPACE)
+    assert moved is not None and moved > NOW  # the recording does not hold it; the ledger remembers it
+
+    (settings.data_dir / "tmp").unlink()
+    fixed = bounded_reconcile(settings, fake_url, "--audio")
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert stored(engine)["conv_unwritable_audio"]["has_audio"]
+    assert audio_tries(engine, "conv_unwritable_audio") is None
