@@ -325,17 +325,7 @@ class Reconciler:
                 if not is_final(detail.get("status") if isinstance(detail.get("status"), str) else None):
                     out.pending_starts.append(listed[detail["conversation_id"]].start)
         if options.audio:
-            said = {cid: item.has_audio for cid, item in listed.items()} | _audio_flags(details)
-            # ElevenLabs' word, from the summary or a detail fetched now; when neither says, ask (a 404 means none).
-            audio = [
-                cid
-                for cid, item in listed.items()
-                if item.status == "done"
-                and not flags.get(cid, {}).get(AUDIO_STORED)
-                and said.get(cid) is not False
-                and cid not in audio_gone
-            ]
-            await self._fetch_audio(audio, report, tally)
+            await self._fetch_audio(_audio_to_fetch(listed, flags, details, audio_gone), report, tally)
         report.counts.new += tally.new
         report.counts.updated += tally.updated
 
@@ -543,9 +533,21 @@ def _listed(obs: Observation, summary: dict[str, Any]) -> _Listed:
     )
 
 
-def _audio_flags(details: list[dict[str, Any]]) -> dict[str, bool]:
-    """ElevenLabs' `has_audio` of each detail that carries one."""
-    return {d["conversation_id"]: d["has_audio"] for d in details if isinstance(d.get("has_audio"), bool)}
+def _audio_to_fetch(
+    listed: dict[str, _Listed], stored: dict[str, dict[str, Any]], details: list[dict[str, Any]], given_up: set[str]
+) -> list[str]:
+    """The `done` conversations of a page whose audio is not stored, unless ElevenLabs said it has none (its summary,
+    or a detail fetched now: when neither says, ask; a 404 means none) or their audio was given up."""
+    said = {cid: item.has_audio for cid, item in listed.items()}
+    said |= {d["conversation_id"]: d["has_audio"] for d in details if isinstance(d.get("has_audio"), bool)}
+    return [
+        cid
+        for cid, item in listed.items()
+        if item.status == "done"
+        and not stored.get(cid, {}).get(AUDIO_STORED)
+        and said[cid] is not False
+        and cid not in given_up
+    ]
 
 
 def _store_audio(conn: Connection, conversation_id: str, blob: TempBlob, now: datetime) -> store.Change:
