@@ -322,6 +322,17 @@ def audio_copy(
 
 
 @app.command()
+def doctor() -> None:
+    """Check the deployment end to end, one line per check: exit 0 when none fails (warnings allowed), 1 otherwise."""
+    from service.doctor.command import execute
+
+    settings = settings_or_exit()
+    setup_logging(logging.WARNING)  # the client's retries, if any; the checks' own lines go to standard output
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    raise typer.Exit(execute(settings))
+
+
+@app.command()
 def simulate(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port of the fake API.")] = 8700,

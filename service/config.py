@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     elevenlabs_base_url: str = "https://api.elevenlabs.io"
     agent_ids: CommaList = ()
     api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Where ElevenLabs reaches this service (http or https, no trailing slash): `postcall doctor` checks that the
+    # workspace's post-call webhook posts to its /webhooks/elevenlabs.
+    public_url: str | None = None
 
     @field_validator("agent_ids", "webhook_secrets", "api_tokens", mode="before")
     @classmethod
@@ -67,6 +71,17 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_endpoint_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be the http:// or https:// base URL of this service, e.g. https://calls.example.com")
+        return url
 
     @field_validator("elevenlabs_api_key")
     @classmethod

@@ -1,7 +1,8 @@
 """THE client of the ElevenLabs API: everything postcall asks ElevenLabs goes through `ElevenLabsClient`.
 
-Endpoints: agents, conversation pages, details and audio (the reconciler); conversation tokens and signed URLs
-(the session broker). The `xi-api-key` header is built here and nowhere else.
+Endpoints: conversation pages, details and audio, the workspace's webhooks and ConvAI settings (the reconciler);
+agents (`postcall doctor`); conversation tokens and signed URLs (the session broker). The `xi-api-key` header is
+built here and nowhere else.
 
 - Every request has timeouts and holds one of `concurrency` slots while it is on the wire; a client built with a
   `deadline` ends each call within it, retries included, whatever the upstream does (a dripping answer included:
@@ -320,17 +321,36 @@ class ElevenLabsClient:
                 yield agent
 
     async def conversation_pages(
-        self, agent_id: str, after_unix: int, before_unix: int
+        self, agent_id: str | None, after_unix: int, before_unix: int
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Pages of conversation summaries of one agent with `after < start time < before` (as the API filters)."""
-        params = {
-            "agent_id": agent_id,
+        """Pages of conversation summaries with `after < start time < before` (as the API filters), of one agent or,
+        with `agent_id` None, of the whole workspace (archived and deleted agents' included). Each summary carries
+        its `transcript_summary`: the API leaves it out unless `summary_mode=include`."""
+        params: dict[str, Any] = {
             "call_start_after_unix": after_unix,
             "call_start_before_unix": before_unix,
             "page_size": PAGE_SIZE,
+            "summary_mode": "include",
         }
+        if agent_id is not None:
+            params["agent_id"] = agent_id
         async for page in self._pages("/v1/convai/conversations", params, "list", "conversations"):
             yield [item for item in page if isinstance(item, dict)]
+
+    async def workspace_webhooks(self) -> list[Any]:
+        """The workspace's webhooks (`GET /v1/workspace/webhooks`, WorkspaceWebhookListResponseModel): their URL,
+        auth type, whether disabled or auto-disabled, their most recent failure. BadAnswer if `webhooks` is not a
+        list."""
+        answer = await self._get_json("/v1/workspace/webhooks", {}, "webhooks")
+        webhooks = answer.get("webhooks")
+        if not isinstance(webhooks, list):
+            raise BadAnswer("the answer is not a webhook list: 'webhooks' is not a list", 200)
+        return webhooks
+
+    async def convai_settings(self) -> dict[str, Any]:
+        """The workspace's ConvAI settings (`GET /v1/convai/settings`, GetConvAiSettingsResponseModel), whose
+        `webhooks` names the post-call webhook (`post_call_webhook_id`) and what it is sent (`events`)."""
+        return await self._get_json("/v1/convai/settings", {}, "settings")
 
     async def conversation(self, conversation_id: str) -> dict[str, Any]:
         """The full detail (`GET /v1/convai/conversations/{id}`)."""

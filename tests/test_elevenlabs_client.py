@@ -72,6 +72,50 @@ def test_pages_follow_the_cursor_100_at_a_time(platform: FakePlatform, base_url:
     assert all(call.request_headers["xi-api-key"] == KEY for call in calls)
 
 
+def test_pages_of_the_whole_workspace_carry_no_agent_filter_and_ask_for_summaries(
+    platform: FakePlatform, base_url: str
+) -> None:
+    platform.add(FakeConversation("conv_other_agent", "agent_b", NOW - 60))
+
+    async def collect() -> list[dict[str, Any]]:
+        async with client(base_url) as api:
+            return [s async for page in api.conversation_pages(None, 0, NOW) for s in page]
+
+    summaries = anyio.run(collect)
+    assert {s["conversation_id"] for s in summaries} == {c.conversation_id for c in platform.all()}
+    assert all(s["transcript_summary"] for s in summaries if s["status"] == "done")
+    for call in platform.calls_to("list"):
+        assert "agent_id" not in call.query
+        assert call.query["summary_mode"] == "include"
+
+
+def test_the_workspace_webhooks_and_convai_settings_are_read_as_sent(platform: FakePlatform, base_url: str) -> None:
+    platform.set_webhook(is_disabled=True)
+
+    async def read() -> tuple[list[Any], dict[str, Any]]:
+        async with client(base_url) as api:
+            return await api.workspace_webhooks(), await api.convai_settings()
+
+    webhooks, settings = anyio.run(read)
+    assert [webhook["is_disabled"] for webhook in webhooks] == [True]
+    assert settings["webhooks"]["post_call_webhook_id"] == webhooks[0]["webhook_id"]
+    assert [call.kind for call in platform.calls] == ["webhooks", "settings"]
+
+
+@pytest.mark.parametrize("answer", [{}, {"webhooks": None}, {"webhooks": {"wh_1": {}}}])
+def test_a_webhook_list_that_is_not_a_list_is_a_bad_answer(
+    platform: FakePlatform, base_url: str, answer: dict[str, Any]
+) -> None:
+    platform.answer_with(answer, 1, kinds={"webhooks"})
+
+    async def read() -> list[Any]:
+        async with client(base_url) as api:
+            return await api.workspace_webhooks()
+
+    with pytest.raises(BadAnswer, match="'webhooks' is not a list"):
+        anyio.run(read)
+
+
 def test_a_wrong_key_fails_at_once_without_retries(platform: FakePlatform, base_url: str) -> None:
     async def detail() -> None:
         async with client(base_url, key="wrong") as api:

@@ -137,3 +137,83 @@ def test_delivery_faults_drop_duplicate_and_reorder_a_share() -> None:
     assert set(sent_ids) | dropped == {f"c{i}" for i in range(1000)}
     assert 40 < len(sent_ids) - len(set(sent_ids)) < 110  # duplicates
     assert sent_ids != sorted(sent_ids, key=lambda cid: int(cid[1:]))  # reordered
+
+
+# --- where the fake used to be kinder than the real API (issue 13) ---------------------------------------------------
+
+
+def test_list_entries_carry_their_summary_only_when_asked_for_it(api: httpx.Client) -> None:
+    default = api.get("/v1/convai/conversations", params={"page_size": 100}).json()["conversations"]
+    included = api.get("/v1/convai/conversations", params={"page_size": 100, "summary_mode": "include"}).json()[
+        "conversations"
+    ]
+
+    assert all("transcript_summary" not in entry for entry in default)
+    assert [entry["conversation_id"] for entry in included] == [entry["conversation_id"] for entry in default]
+    assert all(entry["transcript_summary"] for entry in included if entry["status"] == "done")
+    assert api.get("/v1/convai/conversations", params={"summary_mode": "all"}).status_code == 422
+
+
+def test_cursors_are_opaque_and_an_unknown_one_is_refused(platform: FakePlatform, api: httpx.Client) -> None:
+    page = api.get("/v1/convai/conversations", params={"page_size": 10}).json()
+    cursor = page["next_cursor"]
+    last = page["conversations"][-1]
+
+    assert str(last["start_time_unix_secs"]) not in cursor and last["conversation_id"] not in cursor
+    decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    assert str(last["start_time_unix_secs"]).encode() not in decoded
+    assert api.get("/v1/convai/conversations", params={"page_size": 10, "cursor": cursor}).status_code == 200
+    made_up = base64.urlsafe_b64encode(f"{last['start_time_unix_secs']}:{last['conversation_id']}".encode()).decode()
+    assert api.get("/v1/convai/conversations", params={"cursor": made_up}).status_code == 422
+
+
+def test_without_agent_id_the_whole_workspace_is_listed_a_deleted_agents_conversations_included(
+    platform: FakePlatform, api: httpx.Client
+) -> None:
+    platform.delete_agent("agent_b")
+
+    agents = [agent["agent_id"] for agent in api.get("/v1/convai/agents").json()["agents"]]
+    listed: list[str] = []
+    params: dict[str, object] = {"page_size": 100}
+    while True:
+        page = api.get("/v1/convai/conversations", params=params).json()
+        listed += [entry["conversation_id"] for entry in page["conversations"]]
+        if not page["has_more"]:
+            break
+        params["cursor"] = page["next_cursor"]
+
+    assert agents == ["agent_a"]
+    assert listed == [c.conversation_id for c in platform.all()]
+    assert any(platform.get(cid).agent_id == "agent_b" for cid in listed)
+    assert api.get("/v1/convai/conversation/token", params={"agent_id": "agent_b"}).status_code == 404
+
+
+def test_audio_faults_per_conversation_and_delete(platform: FakePlatform, api: httpx.Client) -> None:
+    first, second = [c for c in platform.all() if c.status == "done" and c.has_audio][:2]
+    platform.audio_faults[first.conversation_id] = 400
+
+    assert api.get(f"/v1/convai/conversations/{first.conversation_id}/audio").status_code == 400
+    assert api.get(f"/v1/convai/conversations/{first.conversation_id}").status_code == 200  # only its audio
+    assert api.get(f"/v1/convai/conversations/{second.conversation_id}/audio").status_code == 200
+
+    assert api.delete(f"/v1/convai/conversations/{second.conversation_id}").status_code == 200
+    assert api.get(f"/v1/convai/conversations/{second.conversation_id}").status_code == 404
+    assert api.delete(f"/v1/convai/conversations/{second.conversation_id}").status_code == 404
+    listed = api.get("/v1/convai/conversations", params={"page_size": 100}).json()["conversations"]
+    assert second.conversation_id not in {entry["conversation_id"] for entry in listed}
+
+
+def test_the_post_call_webhook_health_is_switchable(platform: FakePlatform, api: httpx.Client) -> None:
+    [healthy] = api.get("/v1/workspace/webhooks").json()["webhooks"]
+    assert not healthy["is_disabled"] and not healthy["is_auto_disabled"]
+    assert healthy["most_recent_failure_timestamp"] is None and "retry_enabled" not in healthy
+    assert api.get("/v1/convai/settings").json()["webhooks"]["post_call_webhook_id"] == healthy["webhook_id"]
+
+    platform.set_webhook(is_auto_disabled=True, retry_enabled=False, most_recent_failure_error_code=500)
+    platform.post_call_webhook_id = None
+
+    [sick] = api.get("/v1/workspace/webhooks").json()["webhooks"]
+    assert sick["is_auto_disabled"] and sick["retry_enabled"] is False and sick["most_recent_failure_error_code"] == 500
+    assert api.get("/v1/convai/settings").json()["webhooks"]["post_call_webhook_id"] is None
+    with pytest.raises(AttributeError):
+        platform.set_webhook(is_sick=True)

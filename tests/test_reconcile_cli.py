@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.config import Settings
-from service.reconcile.ledger import acquire_lease
+from service.reconcile.ledger import WORKSPACE, acquire_lease
 from service.storage.db import create_engine, transaction
 from service.storage.migrations import upgrade
 from service.testing import FakePlatform, seed_conversations
@@ -164,7 +164,7 @@ def test_until_in_the_future_lists_up_to_it_but_never_puts_the_checkpoint_there(
 
     assert run.exit_code == 0, run.stderr
     assert int(platform.calls_to("list")[-1].query["call_start_before_unix"]) == 4_070_908_800
-    held = checkpoint(engine, "agent_a")
+    held = checkpoint(engine, WORKSPACE)
     assert held is not None and held <= after  # a checkpoint in 2099 would skip every conversation until then
     assert run.json["listed"] == 12
 

@@ -51,7 +51,10 @@ def test_the_summary_and_the_json_object_name_every_count() -> None:
     for i, name in enumerate(COUNTS):
         assert f"{name.replace('_', ' ')} {10 + i}" in summary, name
         assert report.as_dict()[name] == 10 + i
-    assert "listed 10, new 11, updated 12, details fetched 13, audio fetched 14, failed 15, given up 16" in summary
+    assert (
+        "listed 10, new 11, updated 12, details fetched 13, audio fetched 14, audio failed 15, failed 16, given up 17"
+        in summary
+    )
 
 
 def test_the_migrations_build_the_reconcile_tables_as_the_models_describe_them(engine: Engine) -> None:

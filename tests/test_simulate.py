@@ -64,3 +64,25 @@ def test_simulated_webhooks_with_drops_then_one_reconcile_make_the_store_complet
     assert all(record["complete"] for record in records if record["status"] in ("done", "failed"))
     done = [record for record in records if record["status"] == "done"]
     assert done and all(record["transcript"] for record in done)
+
+
+def test_the_simulated_workspace_posts_to_the_webhook_url_so_doctor_can_check_a_local_setup(
+    settings: Settings, engine: Engine
+) -> None:
+    with live_server(create_app(settings, engine=engine)) as postcall:
+        webhook_url = f"{postcall}/webhooks/elevenlabs"
+        with simulate("--conversations", "2", "--drop", "1", "--webhook-url", webhook_url) as (fake_url, said):
+            env = {
+                "POSTCALL_DATABASE_URL": settings.database_url,
+                "POSTCALL_DATA_DIR": str(settings.data_dir),
+                "POSTCALL_ELEVENLABS_BASE_URL": fake_url,
+                "POSTCALL_ELEVENLABS_API_KEY": SIM_KEY,
+                "POSTCALL_PUBLIC_URL": postcall,
+            }
+            doctor = subprocess.run(
+                [sys.executable, "-m", "service", "doctor"], cwd=ROOT, env={**os.environ, **env}, capture_output=True
+            )
+
+    assert any(line.endswith(f"POSTCALL_PUBLIC_URL={postcall} postcall doctor") for line in said)
+    assert doctor.returncode == 0, doctor.stdout.decode()
+    assert f"✓ post-call webhook: {webhook_url} (HMAC, enabled)" in doctor.stdout.decode()

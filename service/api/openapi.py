@@ -76,7 +76,10 @@ RUN_PROPERTIES: dict[str, Any] = {
     "window_start_unix": _nullable("integer"),
     "window_end_unix": _nullable("integer"),
     "error": _nullable("string"),
-    "warnings": {**_nullable("array"), "description": "sentences for a person; a run with warnings may succeed"},
+    "warnings": _nullable("array", description="sentences for a person; the run may still have succeeded"),
+    "upstream_webhook_healthy": _nullable(
+        "boolean", description="the workspace's post-call webhook as ElevenLabs reported it to the run; null: unknown"
+    ),
     **{name: {"type": "integer"} for name in RUN_COUNTS},
 }
 

@@ -72,7 +72,8 @@ def execute(settings: Settings, options: Options, *, as_json: bool, out: TextIO 
 
 def describe(report: Report) -> str:
     head = "dry run, nothing written: " if report.dry_run else ""
-    line = f"{head}{len(report.agents)} agent(s): {_figures(report.counts, ', ')}"
+    scope = f"{len(report.agents)} agent(s)" if report.agents else "the whole workspace"
+    line = f"{head}{scope}: {_figures(report.counts, ', ')}"
     if report.dry_run:
         line += f"; a real run would fetch {report.details_needed} detail(s)"
     lines = [line, *(f"  warning: {warning}" for warning in report.warnings)]

@@ -2,11 +2,14 @@
 
 - The lease (`reconcile_lease`, one row) makes it one run at a time per database; a run renews it while it works
   and a crashed run's lease expires after LEASE_TTL_SECONDS.
-- A checkpoint (`reconcile_checkpoint`, per agent) is where the next run's window starts (see windows.py).
+- A checkpoint (`reconcile_checkpoint`) is where the next run's window starts (see windows.py): one for the whole
+  workspace (the key WORKSPACE), or one per agent for runs that name agents.
 - Each run is a row of `reconcile_run`: started `running`, finished `succeeded` or `failed` with its `Report`.
 - A conversation whose detail answers 404 is counted in `reconcile_not_found`, once per run; after
   GIVE_UP_AFTER_RUNS runs it is given up (reported, and it no longer holds the checkpoint) instead of failing
   every run for ever.
+- A conversation whose audio fetch failed is counted in `reconcile_audio_attempt`, once per run: later runs try it
+  again, and after AUDIO_TRIES runs it is given up (`audio_failed`). It never holds a checkpoint.
 
 A run's counts are listed once, in `RunCounts` (storage/tables.py): the run record's count columns, `Counts`, the
 `--json` object, the summary and `tables.RUN_FIELDS` (what `GET /v1/reconcile/runs` serves) follow it. Every function
@@ -30,6 +33,7 @@ from service.reconcile.windows import Window
 from service.storage.db import insert_ignoring_conflict
 from service.storage.tables import (
     RUN_COUNTS,
+    ReconcileAudioAttempt,
     ReconcileCheckpoint,
     ReconcileLease,
     ReconcileNotFound,
@@ -42,11 +46,17 @@ LEASE_TTL_SECONDS = 600
 LEASE_RENEW_SECONDS = 60
 # Five runs of an hourly cron: a detail that ElevenLabs lists but still cannot find by then is not coming back.
 GIVE_UP_AFTER_RUNS = 5
+# Five runs too for a recording: its failures are more often ElevenLabs refusing that one file (a 400, a 403) than
+# an outage, and a conversation's record is whole without it.
+AUDIO_TRIES = 5
+# The checkpoint of a run that lists the whole workspace (no agent filter); no agent id is `*`.
+WORKSPACE = "*"
 
 checkpoints: sa.Table = ReconcileCheckpoint.__table__  # type: ignore[attr-defined]
 runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 leases: sa.Table = ReconcileLease.__table__  # type: ignore[attr-defined]
 not_found: sa.Table = ReconcileNotFound.__table__  # type: ignore[attr-defined]
+audio_attempts: sa.Table = ReconcileAudioAttempt.__table__  # type: ignore[attr-defined]
 
 
 class Counts(RunCounts):
@@ -70,6 +80,7 @@ class Report:
     details_needed: int = 0  # a dry run's count of the detail calls a real run would make
     errors: list[str] = field(default_factory=list)  # any error fails the run
     warnings: list[str] = field(default_factory=list)  # sentences for a person; the run may still succeed
+    upstream_webhook_healthy: bool | None = None  # the post-call webhook as ElevenLabs reports it; None: unknown
 
     @property
     def ok(self) -> bool:
@@ -82,6 +93,7 @@ class Report:
             out["details_needed"] = self.details_needed
         out["errors"] = self.errors
         out["warnings"] = self.warnings
+        out["upstream_webhook_healthy"] = self.upstream_webhook_healthy
         return out
 
 
@@ -144,6 +156,17 @@ def read_checkpoint(conn: Connection, agent_id: str) -> int | None:
     return int(value) if value is not None else None
 
 
+def read_workspace_checkpoint(conn: Connection) -> int | None:
+    """The whole workspace's checkpoint. Before the first whole-workspace run, the oldest per-agent checkpoint
+    (from runs that listed agent by agent) stands for it: every conversation of those agents before it is stored,
+    and starting there re-lists nothing older than any of them needs."""
+    value = read_checkpoint(conn, WORKSPACE)
+    if value is not None:
+        return value
+    oldest = conn.execute(sa.select(sa.func.min(checkpoints.c.checkpoint_unix))).scalar()
+    return int(oldest) if oldest is not None else None
+
+
 def write_checkpoint(conn: Connection, agent_id: str, checkpoint: int, now: datetime) -> None:
     row = {"agent_id": agent_id, "checkpoint_unix": checkpoint, "updated_at": now}
     if not insert_ignoring_conflict(conn, checkpoints, row, "agent_id"):
@@ -175,6 +198,7 @@ def finish_run(conn: Connection, run_id: int, report: Report, windows: list[Wind
             window_end_unix=max((w.end for w in windows), default=None),
             error="\n".join(report.errors) or None,
             warnings=report.warnings,
+            upstream_webhook_healthy=report.upstream_webhook_healthy,
             **report.counts.as_dict(),
         )
     )
@@ -216,3 +240,48 @@ def given_up_among(conn: Connection, conversation_ids: Sequence[str]) -> set[str
 def forget_not_found(conn: Connection, conversation_ids: Sequence[str]) -> None:
     """Their details were found after all: the count starts again should one go missing later."""
     conn.execute(sa.delete(not_found).where(not_found.c.conversation_id.in_(conversation_ids)))
+
+
+# --- audio fetches that failed -------------------------------------------------------------------------------------
+
+
+def count_audio_try(conn: Connection, conversation_id: str, run_id: int, error: str, now: datetime) -> int:
+    """One more run that failed to fetch this conversation's audio (a run counts once); returns its tries so far."""
+    row = conn.execute(
+        sa.select(audio_attempts.c.tries, audio_attempts.c.last_run_id).where(
+            audio_attempts.c.conversation_id == conversation_id
+        )
+    ).first()
+    if row is None:
+        values = {"tries": 1, "last_run_id": run_id, "last_error": error, "first_at": now, "last_at": now}
+        conn.execute(sa.insert(audio_attempts).values(conversation_id=conversation_id, **values))
+        return 1
+    tries = row.tries if row.last_run_id == run_id else row.tries + 1
+    tried = audio_attempts.update().where(audio_attempts.c.conversation_id == conversation_id)
+    conn.execute(tried.values(tries=tries, last_run_id=run_id, last_error=error, last_at=now))
+    return int(tries)
+
+
+def audio_to_retry(conn: Connection, run_id: int, limit: int) -> list[str]:
+    """Conversations whose audio failed in earlier runs and has tries left, oldest failure first; those this run
+    already tried are not among them."""
+    query = (
+        sa.select(audio_attempts.c.conversation_id)
+        .where(audio_attempts.c.tries < AUDIO_TRIES, audio_attempts.c.last_run_id != run_id)
+        .order_by(audio_attempts.c.first_at, audio_attempts.c.conversation_id)
+        .limit(limit)
+    )
+    return list(conn.execute(query).scalars())
+
+
+def audio_given_up_among(conn: Connection, conversation_ids: Sequence[str]) -> set[str]:
+    """Those of `conversation_ids` whose audio failed in AUDIO_TRIES runs: not asked for again."""
+    query = sa.select(audio_attempts.c.conversation_id).where(
+        audio_attempts.c.conversation_id.in_(conversation_ids), audio_attempts.c.tries >= AUDIO_TRIES
+    )
+    return set(conn.execute(query).scalars())
+
+
+def forget_audio_tries(conn: Connection, conversation_ids: Sequence[str]) -> None:
+    """Their audio is stored now: nothing left to try."""
+    conn.execute(sa.delete(audio_attempts).where(audio_attempts.c.conversation_id.in_(conversation_ids)))

@@ -1,12 +1,19 @@
-"""The reconciler: list each agent's conversations in a window and store whatever the webhooks missed.
+"""The reconciler: list the workspace's conversations in a window and store whatever the webhooks missed.
 
-One run, per agent: plan the window (windows.py), page through `GET /v1/convai/conversations`, merge every
-summary through `record.store` (one transaction per page), fetch the detail of each final conversation that is new or
-incomplete (bounded concurrency, in the client), optionally its audio, then move the agent's checkpoint — never
-past a conversation that failed or is not final yet, so the next run lists it again.
+One run: read the workspace's post-call webhook health (upstream.py; a failure to read it is a warning), then for
+each scope — the whole workspace with no agent filter, or each agent named — plan the window (windows.py), page
+through `GET /v1/convai/conversations`, merge every summary through `record.store` (one transaction per page), fetch
+the detail of each final conversation that is new or incomplete (bounded concurrency, in the client), and move the
+scope's checkpoint — never past a conversation that failed or is not final yet, so the next run lists it again.
 
-The database side of a run — the lease that makes it one at a time, checkpoints, the run record — is the ledger
-(ledger.py). `--dry-run` lists and counts but writes nothing at all (no lease, no run record, no checkpoint).
+With `--audio`, the recording of each `done` conversation that has none stored is fetched, unless ElevenLabs said
+it has none (`has_audio` false in its summary or its detail). An audio fetch that fails never holds a checkpoint:
+the ledger counts the runs that tried it, each later `--audio` run tries again, and after AUDIO_TRIES runs it is
+given up (`audio_failed`).
+
+The database side of a run — the lease that makes it one at a time, checkpoints, audio tries, the run record — is
+the ledger (ledger.py). `--dry-run` lists and counts but writes nothing at all (no lease, no run record, no
+checkpoint).
 """
 
 from __future__ import annotations
@@ -25,19 +32,27 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from service.elevenlabs import MAX_REASON_CHARS, ElevenLabsClient, ElevenLabsError, NotFound
+from service.reconcile import upstream
 from service.reconcile.ledger import (
+    AUDIO_TRIES,
     GIVE_UP_AFTER_RUNS,
     LEASE_RENEW_SECONDS,
+    WORKSPACE,
     Counts,
     LeaseLost,
     Report,
     acquire_lease,
+    audio_given_up_among,
+    audio_to_retry,
+    count_audio_try,
     count_not_found,
     default_holder,
     finish_run,
+    forget_audio_tries,
     forget_not_found,
     given_up_among,
     read_checkpoint,
+    read_workspace_checkpoint,
     release_lease,
     renew_lease,
     start_run,
@@ -53,7 +68,7 @@ from service.reconcile.windows import (
 )
 from service.record import fields, payloads, store
 from service.record.merge import Observation, Source, is_final, merge
-from service.storage.audio import BlobStore
+from service.storage.audio import BlobStore, TempBlob
 from service.storage.db import StoreUnavailable, run_transaction, unavailable_as_store_error
 
 log = logging.getLogger("postcall.reconcile")
@@ -64,6 +79,11 @@ MAX_ERRORS_KEPT = 20
 # API paging for ever (a new cursor each time) ends within minutes, not never: against the fake platform, 10,001
 # list requests of 100 summaries each, merged into SQLite, took 405 s on a shared 2-core machine.
 MAX_PAGES_PER_WINDOW = 10_000
+# Audio that failed in earlier runs, tried again at the end of a run: a bound on one run's share of them (each is
+# tried at most AUDIO_TRIES times in all, so a longer backlog is worked off over the next runs).
+AUDIO_RETRIES_PER_RUN = 1000
+# The record's column that says postcall holds the audio (`has_audio` is ElevenLabs' own flag, as it sent it).
+AUDIO_STORED = "audio_stored"
 
 
 @dataclass(frozen=True)
@@ -89,7 +109,7 @@ _FINGERPRINT = (
     "status",
     "data_rank",
     "complete",
-    "audio_stored",
+    AUDIO_STORED,
     *(entry.name for entry in fields.FIELDS if entry.content and not entry.is_json),
 )
 
@@ -111,8 +131,25 @@ def _stored_records(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str,
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """What one listing covers — one agent, or the whole workspace (`agent_id` None) — and whose checkpoint it
+    moves."""
+
+    agent_id: str | None
+
+    @property
+    def key(self) -> str:
+        return self.agent_id if self.agent_id is not None else WORKSPACE
+
+    def __str__(self) -> str:
+        return f"agent {self.agent_id}" if self.agent_id is not None else "the workspace"
+
+
 @dataclass
-class _AgentOutcome:
+class _Outcome:
+    """What holds a scope's checkpoint back after its listing."""
+
     failed_starts: list[int | None] = field(default_factory=list)  # None: the summary carried no start time
     pending_starts: list[int | None] = field(default_factory=list)
     listing_failed: bool = False
@@ -123,6 +160,7 @@ class _Listed:
     conversation_id: str
     start: int | None
     status: str | None
+    has_audio: bool | None  # ElevenLabs' flag, when the summary carries it
 
 
 class Reconciler:
@@ -180,59 +218,58 @@ class Reconciler:
         """The run's work; when it ends in an exception, `report.errors` says which (re-raised only when it is an
         interruption: KeyboardInterrupt, cancellation)."""
         try:
-            await self._agents_and_windows(options, report, windows)
+            await self._webhook_health(report)
+            await self._scopes(options, report, windows)
+            if options.audio and not options.dry_run:
+                await self._retry_audio(report)
         except Exception as exc:
             report.errors.append(_why_it_failed(exc))
         except BaseException:
             report.errors.append("interrupted before it finished")
             raise
 
-    async def _agents_and_windows(self, options: Options, report: Report, windows: list[Window]) -> None:
-        agents = list(options.agents) or await self._workspace_agents(report)
-        report.agents = agents
+    async def _webhook_health(self, report: Report) -> None:
+        """The workspace's post-call webhook as ElevenLabs reports it: a problem is a warning, never a failure."""
+        try:
+            settings = await self.client.convai_settings()
+            webhooks = await self.client.workspace_webhooks()
+        except ElevenLabsError as exc:
+            self._warn(report, f"could not read the workspace's post-call webhook from ElevenLabs: {exc}")
+            return
+        healthy, warnings = upstream.assess(settings, webhooks, int(self.clock()))
+        report.upstream_webhook_healthy = healthy
+        for warning in warnings:
+            self._warn(report, warning)
+
+    async def _scopes(self, options: Options, report: Report, windows: list[Window]) -> None:
+        scopes = [_Scope(agent_id) for agent_id in options.agents] or [_Scope(None)]
+        report.agents = list(options.agents)
         end = int(self.clock())
-        for agent_id in agents:
-            checkpoint = await self._db(partial(read_checkpoint, agent_id=agent_id))
+        for scope in scopes:
+            if scope.agent_id is None:
+                checkpoint = await self._db(read_workspace_checkpoint)
+            else:
+                checkpoint = await self._db(partial(read_checkpoint, agent_id=scope.agent_id))
             try:
                 window = plan_window(checkpoint, end, options.since, options.until, options.overlap, options.lookback)
             except WindowError as exc:
-                log.warning("agent %s: %s; skipped", agent_id, exc)
+                log.warning("%s: %s; skipped", scope, exc)
                 continue
             windows.append(window)
-            outcome = await self._agent(agent_id, window, options, report)
+            outcome = await self._listing(scope, window, options, report)
             if outcome.listing_failed or options.dry_run:
                 continue
             moved = next_checkpoint(checkpoint, window, outcome.failed_starts, outcome.pending_starts, now=end)
             if moved is not None and moved != checkpoint:
-                await self._db(partial(write_checkpoint, agent_id=agent_id, checkpoint=moved, now=self._now()))
-            log.info(
-                "agent %s: window %d..%d, checkpoint %s → %s", agent_id, window.start, window.end, checkpoint, moved
-            )
+                await self._db(partial(write_checkpoint, agent_id=scope.key, checkpoint=moved, now=self._now()))
+            log.info("%s: window %d..%d, checkpoint %s → %s", scope, window.start, window.end, checkpoint, moved)
 
-    async def _workspace_agents(self, report: Report) -> list[str]:
-        """Every usable agent id of the agent list. An entry without one (not an object, an id that is not a
-        string) is skipped with a warning; a list with entries but no usable id fails the run."""
-        agents: list[str] = []
-        skipped = 0
-        async for entry in self.client.agents():
-            agent_id = entry.get("agent_id") if isinstance(entry, dict) else None
-            # One rule for every id: a printable string the columns hold.
-            if isinstance(agent_id, str) and payloads.valid_conversation_id(agent_id):
-                agents.append(agent_id)
-            else:
-                skipped += 1
-        if skipped:
-            self._warn(report, f"skipped {skipped} agent(s) listed without a usable agent_id")
-        if skipped and not agents:
-            report.errors.append(f"the agent list held {skipped} entries and no usable agent_id: nothing was listed")
-        return agents
-
-    async def _agent(self, agent_id: str, window: Window, options: Options, report: Report) -> _AgentOutcome:
-        outcome = _AgentOutcome()
+    async def _listing(self, scope: _Scope, window: Window, options: Options, report: Report) -> _Outcome:
+        outcome = _Outcome()
         pages = 0
         try:
             # The API's bounds are exclusive: start - 1 keeps a conversation that starts exactly at `start`.
-            async for page in self.client.conversation_pages(agent_id, window.start - 1, window.end):
+            async for page in self.client.conversation_pages(scope.agent_id, window.start - 1, window.end):
                 pages += 1
                 if pages > options.max_pages:
                     raise EndlessListing(f"more than {options.max_pages} pages: the API keeps saying there is more")
@@ -242,15 +279,15 @@ class Reconciler:
         except (ElevenLabsError, EndlessListing) as exc:
             outcome.listing_failed = True
             report.counts.failed += 1
-            report.errors.append(f"agent {agent_id}: listing conversations failed: {exc}")
-            log.error("agent %s: listing conversations failed: %s", agent_id, exc)
+            report.errors.append(f"{scope}: listing conversations failed: {exc}")
+            log.error("%s: listing conversations failed: %s", scope, exc)
         return outcome
 
-    async def _page(self, page: list[dict[str, Any]], options: Options, report: Report, out: _AgentOutcome) -> None:
+    async def _page(self, page: list[dict[str, Any]], options: Options, report: Report, out: _Outcome) -> None:
         at = self._now()
         summaries = [s for s in page if payloads.valid_conversation_id(s.get("conversation_id"))]
         observations = [payloads.summary_observation(s, at) for s in summaries]
-        listed = {obs.conversation_id: _listed(obs) for obs in observations}
+        listed = {obs.conversation_id: _listed(obs, s) for obs, s in zip(observations, summaries, strict=True)}
         report.counts.listed += len(listed)
         if not listed:
             return
@@ -259,8 +296,12 @@ class Reconciler:
             return
         await self._keep_lease()
         ids = list(listed)
-        (flags, changes), gone = await self._db(
-            lambda conn: (_apply_summaries(conn, observations, at), given_up_among(conn, ids))
+        (flags, changes), gone, audio_gone = await self._db(
+            lambda conn: (
+                _apply_summaries(conn, observations, at),
+                given_up_among(conn, ids),
+                audio_given_up_among(conn, ids) if options.audio else set(),
+            )
         )
         tally = _Tally(changes)
         wanted: list[_Listed] = []
@@ -283,20 +324,11 @@ class Reconciler:
                 if not is_final(detail.get("status") if isinstance(detail.get("status"), str) else None):
                     out.pending_starts.append(listed[detail["conversation_id"]].start)
         if options.audio:
-            said = {d["conversation_id"]: bool(d.get("has_audio")) for d in details}
-            # A detail fetched now says whether there is audio; without one, ask (a 404 means there is none).
-            audio = [
-                item
-                for item in listed.values()
-                if item.status == "done"
-                and not flags.get(item.conversation_id, {}).get("audio_stored")
-                and said.get(item.conversation_id, True)
-            ]
-            await self._fetch_audio(audio, report, out, tally)
+            await self._fetch_audio(_audio_to_fetch(listed, flags, details, audio_gone), report, tally)
         report.counts.new += tally.new
         report.counts.updated += tally.updated
 
-    async def _fetch_details(self, wanted: list[_Listed], report: Report, out: _AgentOutcome) -> list[dict[str, Any]]:
+    async def _fetch_details(self, wanted: list[_Listed], report: Report, out: _Outcome) -> list[dict[str, Any]]:
         details: list[dict[str, Any]] = []
         missing: list[tuple[_Listed, NotFound]] = []
 
@@ -322,7 +354,7 @@ class Reconciler:
             await self._not_found(missing, report, out)
         return details
 
-    async def _not_found(self, missing: list[tuple[_Listed, NotFound]], report: Report, out: _AgentOutcome) -> None:
+    async def _not_found(self, missing: list[tuple[_Listed, NotFound]], report: Report, out: _Outcome) -> None:
         """A detail that answers 404 fails the run (and holds the checkpoint) until GIVE_UP_AFTER_RUNS runs have
         each met the 404: then it is given up, reported as such, and holds nothing any more."""
         run_id = report.run_id
@@ -339,32 +371,63 @@ class Reconciler:
             given_up = f"{item.conversation_id}: detail: 404 in {met} runs; given up, stored from its summary only"
             self._warn(report, given_up)
 
-    async def _fetch_audio(self, items: list[_Listed], report: Report, out: _AgentOutcome, tally: _Tally) -> None:
-        async def fetch(item: _Listed) -> None:
+    async def _fetch_audio(self, ids: list[str], report: Report, tally: _Tally) -> None:
+        """Fetch and store each recording. A failure is one try of AUDIO_TRIES (warned), never a held checkpoint;
+        a local one (the disk) fails the run as well, since it is ours to fix."""
+
+        async def fetch(conversation_id: str) -> None:
             try:
-                blob = await self.client.download_audio(item.conversation_id, self.blobs)
+                blob = await self.client.download_audio(conversation_id, self.blobs)
             except NotFound:
                 return  # no recording (or none yet): nothing to store
-            except (ElevenLabsError, OSError) as exc:
-                self._failed(item, f"audio: {exc}", report, out)
+            except ElevenLabsError as exc:
+                await self._audio_failed(conversation_id, str(exc), report)
+                return
+            except OSError as exc:
+                why = f"cannot write it to the data dir: {exc}"
+                self._error(report, f"{conversation_id}: audio: {why}")
+                await self._audio_failed(conversation_id, why, report)
                 return
             try:
                 change = await self._db(
-                    lambda conn: store.store_audio(conn, item.conversation_id, blob, Source.AUDIO_FETCH, self._now())
+                    partial(_store_audio, conversation_id=conversation_id, blob=blob, now=self._now())
                 )
             finally:
                 blob.discard()  # a no-op once committed into place
             report.counts.audio_fetched += 1
-            tally.add({item.conversation_id: change})
+            tally.add({conversation_id: change})
 
         async with anyio.create_task_group() as group:
-            for item in items:
-                group.start_soon(fetch, item)
+            for conversation_id in ids:
+                group.start_soon(fetch, conversation_id)
 
-    def _failed(self, item: _Listed, why: str, report: Report, out: _AgentOutcome) -> None:
-        report.counts.failed += 1
+    async def _audio_failed(self, conversation_id: str, why: str, report: Report) -> None:
+        run_id = report.run_id
+        assert run_id is not None  # a dry run fetches no audio
+        why = why[:MAX_REASON_CHARS]
+        tries = await self._db(lambda conn: count_audio_try(conn, conversation_id, run_id, why, self._now()))
+        if tries >= AUDIO_TRIES:
+            report.counts.audio_failed += 1
+            self._warn(report, f"{conversation_id}: audio: {why}; failed in {tries} runs, given up (kept without it)")
+        else:
+            self._warn(report, f"{conversation_id}: audio: {why} (try {tries} of {AUDIO_TRIES}; tried again next run)")
+
+    async def _retry_audio(self, report: Report) -> None:
+        """Audio that failed in earlier runs, whatever window its conversation is in: tried once more. What has
+        been stored since (an audio webhook) or erased is forgotten instead."""
+        run_id = report.run_id
+        assert run_id is not None
+        ids = await self._db(lambda conn: _audio_wanted(conn, audio_to_retry(conn, run_id, AUDIO_RETRIES_PER_RUN)))
+        tally = _Tally({})
+        await self._fetch_audio(ids, report, tally)
+        report.counts.updated += tally.updated
+
+    def _failed(self, item: _Listed, why: str, report: Report, out: _Outcome) -> None:
         out.failed_starts.append(item.start)
-        message = f"{item.conversation_id}: {why}"
+        self._error(report, f"{item.conversation_id}: {why}")
+
+    def _error(self, report: Report, message: str) -> None:
+        report.counts.failed += 1
         if len(report.errors) < MAX_ERRORS_KEPT:
             report.errors.append(message)
         log.error("%s", message)
@@ -458,6 +521,44 @@ def _read_records(engine: Engine, ids: Sequence[str]) -> tuple[dict[str, dict[st
         return _stored_records(conn, ids), given_up_among(conn, ids)
 
 
-def _listed(obs: Observation) -> _Listed:
+def _listed(obs: Observation, summary: dict[str, Any]) -> _Listed:
     start = obs.fields.get("start_time_unix_secs")
-    return _Listed(obs.conversation_id, start if isinstance(start, int) else None, obs.status)
+    has_audio = summary.get("has_audio")
+    return _Listed(
+        obs.conversation_id,
+        start if isinstance(start, int) else None,
+        obs.status,
+        has_audio if isinstance(has_audio, bool) else None,
+    )
+
+
+def _audio_to_fetch(
+    listed: dict[str, _Listed], stored: dict[str, dict[str, Any]], details: list[dict[str, Any]], given_up: set[str]
+) -> list[str]:
+    """The `done` conversations of a page whose audio is not stored, unless ElevenLabs said it has none (its summary,
+    or a detail fetched now: when neither says, ask; a 404 means none) or their audio was given up."""
+    said = {cid: item.has_audio for cid, item in listed.items()}
+    said |= {d["conversation_id"]: d["has_audio"] for d in details if isinstance(d.get("has_audio"), bool)}
+    return [
+        cid
+        for cid, item in listed.items()
+        if item.status == "done"
+        and not stored.get(cid, {}).get(AUDIO_STORED)
+        and said[cid] is not False
+        and cid not in given_up
+    ]
+
+
+def _store_audio(conn: Connection, conversation_id: str, blob: TempBlob, now: datetime) -> store.Change:
+    change = store.store_audio(conn, conversation_id, blob, Source.AUDIO_FETCH, now)
+    forget_audio_tries(conn, [conversation_id])
+    return change
+
+
+def _audio_wanted(conn: Connection, ids: Sequence[str]) -> list[str]:
+    """Those of `ids` whose record is stored without its audio; the tries of the others are forgotten."""
+    table = store.conversations
+    query = sa.select(table.c.conversation_id).where(table.c.conversation_id.in_(ids), table.c[AUDIO_STORED].is_(False))
+    wanted = set(conn.execute(query).scalars())
+    forget_audio_tries(conn, [cid for cid in ids if cid not in wanted])
+    return [cid for cid in ids if cid in wanted]

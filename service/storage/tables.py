@@ -155,7 +155,8 @@ class WebhookEvent(SQLModel, table=True):
 
 
 class ReconcileCheckpoint(SQLModel, table=True):
-    """Per agent: conversations that started before `checkpoint_unix` are known to be stored."""
+    """Per agent, or for the whole workspace (agent_id `*`): conversations that started before `checkpoint_unix`
+    are known to be stored."""
 
     __tablename__ = "reconcile_checkpoint"
 
@@ -173,6 +174,7 @@ class RunCounts(SQLModel):
     updated: int = 0
     details_fetched: int = 0
     audio_fetched: int = 0
+    audio_failed: int = 0  # audio that failed in 5 runs: reported, no longer asked for
     failed: int = 0
     given_up: int = 0  # details that answered 404 in several runs: reported, no longer asked for
 
@@ -193,6 +195,8 @@ class ReconcileRun(RunCounts, table=True):
     window_end_unix: int | None = Field(default=None, sa_type=sa.BigInteger)
     error: str | None = Field(default=None, sa_type=sa.Text)
     warnings: list[Any] | None = _json()  # sentences for a person; a run with warnings may still succeed
+    # Whether the workspace's post-call webhook looked healthy to this run; null when the run could not tell.
+    upstream_webhook_healthy: bool | None = None
 
 
 RUN_COUNTS: tuple[str, ...] = tuple(RunCounts.model_fields)
@@ -211,6 +215,19 @@ class ReconcileNotFound(SQLModel, table=True):
     conversation_id: str = Field(primary_key=True, max_length=256)
     runs: int  # runs that got 404 for it (each counts once)
     last_run_id: int
+    first_at: datetime = _time(nullable=False)
+    last_at: datetime = _time(nullable=False)
+
+
+class ReconcileAudioAttempt(SQLModel, table=True):
+    """A conversation whose audio fetch failed: the runs that tried it (each counts once), until one gives it up."""
+
+    __tablename__ = "reconcile_audio_attempt"
+
+    conversation_id: str = Field(primary_key=True, max_length=256)
+    tries: int
+    last_run_id: int
+    last_error: str | None = Field(default=None, sa_type=sa.Text)
     first_at: datetime = _time(nullable=False)
     last_at: datetime = _time(nullable=False)
 

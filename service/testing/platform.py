@@ -2,12 +2,20 @@
 
 It answers what postcall calls, shaped like ElevenLabs' models:
 
-    GET /v1/convai/agents                         {"agents": [...], "next_cursor", "has_more"}
-    GET /v1/convai/conversations                  agent_id, call_start_after_unix, call_start_before_unix (both
-                                                  exclusive), page_size (1..100, else 422; default 30), cursor;
+    GET /v1/convai/agents                         {"agents": [...], "next_cursor", "has_more"}; deleted agents
+                                                  are not listed
+    GET /v1/convai/conversations                  agent_id (optional: without it, the whole workspace, deleted
+                                                  agents' conversations included), call_start_after_unix,
+                                                  call_start_before_unix (both exclusive), page_size (1..100, else
+                                                  422; default 30), summary_mode (exclude, the default: no
+                                                  `transcript_summary`; include), cursor (opaque; 422 if unknown);
                                                   newest first, {"conversations": [...], "next_cursor", "has_more"}
     GET /v1/convai/conversations/{id}             the detail; 404 if unknown
+    DELETE /v1/convai/conversations/{id}          deletes it (200 {}); 404 if unknown
     GET /v1/convai/conversations/{id}/audio       audio/mpeg; 404 when the conversation has no audio
+    GET /v1/workspace/webhooks                    {"webhooks": [...]} (WorkspaceWebhookListResponseModel)
+    GET /v1/convai/settings                       {"webhooks": {"post_call_webhook_id", "events",
+                                                  "transcript_format", "send_audio"}, …}
     GET /v1/convai/conversation/token             ?agent_id[&participant_name][&branch_id][&environment]
                                                   → {"token": <LiveKit-style JWT>}, room "room_<conversation id>_…"
     GET /v1/convai/conversation/get-signed-url    ?agent_id&include_conversation_id=true
@@ -18,8 +26,9 @@ status, the request's and the answer's headers). On demand it answers 429 with `
 for chosen conversation ids (`failing_ids`) or any error status for chosen kinds (`fail`), slowly (`latency`,
 or `stall` for chosen kinds), with a body cut off (`truncate`) or replaced (`answer_with`), with a list cursor that
 repeats (`repeat_cursors`) or is new each time and never ends (`endless_cursors`), with summaries that lack their
-start time (`summaries_without_start`), and keeps conversations `processing` until a test finishes them
-(`set_status`).
+start time (`summaries_without_start`), audio that answers an error status for chosen ids (`audio_faults`), and
+keeps conversations `processing` until a test finishes them (`set_status`). Its workspace has one post-call
+webhook, healthy until a test says otherwise (`set_webhook`).
 
 Python API, for tests and for the session broker's tests:
 
@@ -43,7 +52,12 @@ Python API, for tests and for the session broker's tests:
         platform.endless_cursors = True             # every list page says has_more, under a cursor never seen yet
         platform.answer_with({}, 1, kinds={"list"}) # the next list answer is 200 with this JSON instead of a page
                                                     # (or this Response, as it stands)
-        platform.clear_faults()                     # every fault above (and throttles) off
+        platform.audio_faults[conversation_id] = 400  # its audio answers 400 until removed
+        platform.delete_agent("agent_x")            # gone from the agent list; its conversations are still listed
+        platform.set_webhook(is_auto_disabled=True, most_recent_failure_error_code=503,
+                             most_recent_failure_timestamp=int(time.time()))  # the post-call webhook's state
+        platform.post_call_webhook_id = None        # the ConvAI settings name no post-call webhook
+        platform.clear_faults()                     # every fault above (and throttles) off (not the webhook's state)
 
 `WebhookSender` (service/testing/webhooks.py) posts a conversation's signed webhooks to a URL.
 """
@@ -78,6 +92,9 @@ AUDIO_BYTES = 32 * 1024
 JWT_KEY = b"fake-livekit-api-secret"
 TOKEN_TTL_SECONDS = 600
 ENDLESS_CURSOR = "endless-"
+SUMMARY_MODES = ("exclude", "include")
+POST_CALL_WEBHOOK_ID = "wh_fake_post_call"
+DEFAULT_WEBHOOK_URL = "https://postcall.example.com/webhooks/elevenlabs"
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,40 @@ class Call:
     status: int
     request_headers: dict[str, str]
     response_headers: dict[str, str]
+
+
+@dataclass
+class FakeWebhook:
+    """One workspace webhook (WorkspaceWebhookResponseModel). `retry_enabled` is left out of the answer when None:
+    ElevenLabs' list does not document it."""
+
+    webhook_id: str = POST_CALL_WEBHOOK_ID
+    name: str = "postcall"
+    webhook_url: str = DEFAULT_WEBHOOK_URL
+    auth_type: str = "hmac"
+    is_disabled: bool = False
+    is_auto_disabled: bool = False
+    created_at_unix: int = 1_700_000_000
+    most_recent_failure_error_code: int | None = None
+    most_recent_failure_timestamp: int | None = None
+    retry_enabled: bool | None = None
+
+    def answer(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "name": self.name,
+            "webhook_id": self.webhook_id,
+            "webhook_url": self.webhook_url,
+            "is_disabled": self.is_disabled,
+            "is_auto_disabled": self.is_auto_disabled,
+            "created_at_unix": self.created_at_unix,
+            "auth_type": self.auth_type,
+            "usage": [{"usage_type": "ConvAI Settings"}],
+            "most_recent_failure_error_code": self.most_recent_failure_error_code,
+            "most_recent_failure_timestamp": self.most_recent_failure_timestamp,
+        }
+        if self.retry_enabled is not None:
+            body["retry_enabled"] = self.retry_enabled
+        return body
 
 
 @dataclass
@@ -148,6 +199,11 @@ class FakePlatform:
     repeat_cursors: bool = False  # a list page asked for with a cursor answers has_more with that same cursor
     endless_cursors: bool = False  # every list page answers has_more with a new cursor (its first page again)
     summaries_without_start: set[str] = field(default_factory=set)  # ids listed without start_time_unix_secs
+    audio_faults: dict[str, int] = field(default_factory=dict)  # conversation id → the status its audio answers
+    webhooks: list[FakeWebhook] = field(default_factory=lambda: [FakeWebhook()])
+    post_call_webhook_id: str | None = POST_CALL_WEBHOOK_ID
+    webhook_events: list[str] | None = field(default_factory=lambda: ["transcript", "call_initiation_failure"])
+    transcript_format: str = "json"
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -161,6 +217,8 @@ class FakePlatform:
         self._stalls: list[_Fault] = []
         self._unstall = threading.Event()  # set by `clear_faults()`: the stalls in progress end with it
         self._agents = list(self.agents)
+        self._deleted_agents: set[str] = set()
+        self._cursors: dict[str, tuple[int, str]] = {}  # opaque cursor → the last (-start, id) of its page
         self.in_flight = 0
         self._running = threading.Event()  # cleared by `pause()`
         self._running.set()
@@ -179,8 +237,35 @@ class FakePlatform:
             key = (-conversation.start_time_unix_secs, conversation.conversation_id)
             bisect.insort(self._order[None], key)
             bisect.insort(self._order.setdefault(conversation.agent_id, []), key)
-            if conversation.agent_id not in self._agents:
+            if conversation.agent_id not in self._agents and conversation.agent_id not in self._deleted_agents:
                 self._agents.append(conversation.agent_id)
+
+    def remove(self, conversation_id: str) -> FakeConversation:
+        """What `DELETE /v1/convai/conversations/{id}` does: the conversation is gone from lists and details."""
+        with self._lock:
+            conversation = self._by_id.pop(conversation_id)
+            key = (-conversation.start_time_unix_secs, conversation_id)
+            for order in (self._order[None], self._order[conversation.agent_id]):
+                order.pop(bisect.bisect_left(order, key))
+            return conversation
+
+    def delete_agent(self, agent_id: str) -> None:
+        """The agent is deleted: no longer in `GET /v1/convai/agents` (nor can a session start with it), while its
+        conversations stay listed, as ElevenLabs keeps them."""
+        with self._lock:
+            self._deleted_agents.add(agent_id)
+            if agent_id in self._agents:
+                self._agents.remove(agent_id)
+
+    def set_webhook(self, **state: Any) -> None:
+        """Change the post-call webhook's fields (FakeWebhook's: is_disabled, is_auto_disabled, webhook_url,
+        auth_type, most_recent_failure_error_code, most_recent_failure_timestamp, retry_enabled…)."""
+        with self._lock:
+            webhook = next(w for w in self.webhooks if w.webhook_id == POST_CALL_WEBHOOK_ID)
+            for name, value in state.items():
+                if not hasattr(webhook, name):
+                    raise AttributeError(f"a webhook has no {name!r}")
+                setattr(webhook, name, value)
 
     def get(self, conversation_id: str) -> FakeConversation:
         with self._lock:
@@ -332,10 +417,21 @@ class FakePlatform:
             routes=[
                 Route("/v1/convai/agents", self._endpoint("agents", self._agents_page)),
                 Route("/v1/convai/conversations", self._endpoint("list", self._conversations_page)),
-                Route("/v1/convai/conversations/{conversation_id}", self._endpoint("detail", self._detail)),
+                Route(
+                    "/v1/convai/conversations/{conversation_id}",
+                    self._endpoint("detail", self._detail),
+                    methods=["GET"],
+                ),
+                Route(
+                    "/v1/convai/conversations/{conversation_id}",
+                    self._endpoint("delete", self._delete),
+                    methods=["DELETE"],
+                ),
                 Route("/v1/convai/conversations/{conversation_id}/audio", self._endpoint("audio", self._audio)),
                 Route("/v1/convai/conversation/token", self._endpoint("token", self._token)),
                 Route("/v1/convai/conversation/get-signed-url", self._endpoint("signed_url", self._signed_url)),
+                Route("/v1/workspace/webhooks", self._endpoint("webhooks", self._webhooks)),
+                Route("/v1/convai/settings", self._endpoint("settings", self._settings)),
             ]
         )
 
@@ -415,6 +511,9 @@ class FakePlatform:
             cid = request.path_params.get("conversation_id")
             if cid is not None and cid in self.failing_ids:
                 return _error(500, "internal_error", "An internal error occurred")
+            if kind == "audio" and cid in self.audio_faults:
+                status = self.audio_faults[cid]
+                return _error(status, "audio_unavailable", f"Injected HTTP {status} for this conversation's audio")
             for failure in self._failures:
                 if failure.take(kind):
                     return _error(failure.status, "internal_error", f"Injected HTTP {failure.status}")
@@ -469,10 +568,13 @@ class FakePlatform:
         if isinstance(size, Response):
             return size
         query = request.query_params
+        mode = query.get("summary_mode", "exclude")
+        if mode not in SUMMARY_MODES:
+            return _error(422, "invalid_parameters", f"summary_mode must be one of {', '.join(SUMMARY_MODES)}")
         try:
             after = int(query["call_start_after_unix"]) if "call_start_after_unix" in query else None
             before = int(query["call_start_before_unix"]) if "call_start_before_unix" in query else None
-            cursor = _read_cursor(self._cursor(query.get("cursor")))
+            cursor = self._read_cursor(self._cursor(query.get("cursor")))
         except ValueError:
             return _error(422, "invalid_parameters", "bad call_start_*_unix or cursor")
         with self._lock:
@@ -489,9 +591,9 @@ class FakePlatform:
                 if len(page) == size:
                     more = True
                     break
-                page.append(self._summary(key[1]))
+                page.append(self._summary(key[1], with_summary=mode == "include"))
                 last = key
-        next_cursor = _write_cursor(last) if more and last is not None else None
+            next_cursor = self._write_cursor(last) if more and last is not None else None
         if self.endless_cursors:
             next_cursor, more = f"{ENDLESS_CURSOR}{secrets.token_hex(8)}", True
         if self.repeat_cursors and cursor is not None:
@@ -499,11 +601,28 @@ class FakePlatform:
             next_cursor, more = query["cursor"], True
         return _json({"conversations": page, "next_cursor": next_cursor, "has_more": more})
 
-    def _summary(self, conversation_id: str) -> dict[str, Any]:
+    def _summary(self, conversation_id: str, *, with_summary: bool) -> dict[str, Any]:
         summary = self._by_id[conversation_id].summary()
+        if not with_summary:  # as the API lists by default (summary_mode=exclude)
+            del summary["transcript_summary"]
         if conversation_id in self.summaries_without_start:
             del summary["start_time_unix_secs"]
         return summary
+
+    def _read_cursor(self, text: str | None) -> tuple[int, str] | None:
+        if not text:
+            return None
+        with self._lock:
+            position = self._cursors.get(text)
+        if position is None:
+            raise ValueError("unknown cursor")
+        return position
+
+    def _write_cursor(self, key: tuple[int, str]) -> str:
+        """An opaque token, as ElevenLabs' cursors are: nothing in it says where it points."""
+        token = secrets.token_urlsafe(18)
+        self._cursors[token] = key
+        return token
 
     def _cursor(self, text: str | None) -> str | None:
         """An endless listing's cursors all lead back to its first page."""
@@ -516,6 +635,34 @@ class FakePlatform:
         if detail is None:
             return _error(404, "conversation_not_found", "Conversation not found")
         return _json(detail)
+
+    def _delete(self, request: Request) -> Response:
+        try:
+            self.remove(request.path_params["conversation_id"])
+        except KeyError:
+            return _error(404, "conversation_not_found", "Conversation not found")
+        return _json({})
+
+    def _webhooks(self, request: Request) -> Response:
+        with self._lock:
+            return _json({"webhooks": [webhook.answer() for webhook in self.webhooks]})
+
+    def _settings(self, request: Request) -> Response:
+        with self._lock:
+            hooks: dict[str, Any] = {
+                "post_call_webhook_id": self.post_call_webhook_id,
+                "transcript_format": self.transcript_format,
+                "send_audio": False,
+            }
+            if self.webhook_events is not None:
+                hooks["events"] = list(self.webhook_events)
+        body = {
+            "conversation_initiation_client_data_webhook": None,
+            "webhooks": hooks,
+            "can_use_mcp_servers": False,
+            "rag_retention_period_days": 10,
+        }
+        return _json(body)
 
     def _audio(self, request: Request) -> Response:
         with self._lock:
@@ -581,20 +728,6 @@ def _kinds(kinds: Iterable[str] | None) -> frozenset[str] | None:
 
 def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _read_cursor(text: str | None) -> tuple[int, str] | None:
-    if not text:
-        return None
-    try:
-        start, _, cid = base64.urlsafe_b64decode(text.encode()).decode().partition(":")
-        return (-int(start), cid)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError("bad cursor") from exc
-
-
-def _write_cursor(key: tuple[int, str]) -> str:
-    return base64.urlsafe_b64encode(f"{-key[0]}:{key[1]}".encode()).decode()
 
 
 def _page_size(request: Request) -> int | Response:

@@ -1,4 +1,7 @@
-"""`postcall simulate`: the fake platform on a port, with a seeded data set, optionally sending its webhooks."""
+"""`postcall simulate`: the fake platform on a port, with a seeded data set, optionally sending its webhooks.
+
+With a webhook URL, the fake workspace's post-call webhook points there, so `postcall doctor` run against the
+simulator (POSTCALL_PUBLIC_URL set to that URL's base) checks a whole local setup."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from service.testing.dataset import seed_conversations
-from service.testing.platform import FakePlatform
+from service.testing.platform import FakePlatform, FakeWebhook
 from service.testing.webhooks import Faults, WebhookSender
 
 __all__ = ["Faults", "Simulation", "build_platform", "run"]
@@ -45,9 +48,15 @@ def build_platform(sim: Simulation, now: int) -> FakePlatform:
         failed_share=sim.failed_share,
         seed=sim.seed,
     )
+    webhooks = [FakeWebhook(webhook_url=sim.webhook_url)] if sim.webhook_url else [FakeWebhook()]
     # A long-running simulator must not keep every call it answered.
     return FakePlatform(
-        api_key=sim.api_key, conversations=conversations, agents=agent_ids, latency=sim.latency, log_calls=False
+        api_key=sim.api_key,
+        conversations=conversations,
+        agents=agent_ids,
+        latency=sim.latency,
+        log_calls=False,
+        webhooks=webhooks,
     )
 
 
@@ -59,6 +68,8 @@ def run(sim: Simulation, say: Callable[[str], None], stop: Callable[[], bool] = 
         say(f"fake ElevenLabs API on {base_url}: {sim.conversations} conversations, agents {agents}")
         env = f"POSTCALL_ELEVENLABS_BASE_URL={base_url} POSTCALL_ELEVENLABS_API_KEY={sim.api_key}"
         say(f"try: {env} postcall reconcile")
+        if sim.webhook_url:
+            say(f"or: {env} POSTCALL_PUBLIC_URL={_base(sim.webhook_url)} postcall doctor")
         if sim.webhook_url:
             _send_webhooks(platform, sim, say)
         say("serving until interrupted (Ctrl-C)")
@@ -83,3 +94,9 @@ def _send_webhooks(platform: FakePlatform, sim: Simulation, say: Callable[[str],
         f"webhooks: {len(answers)} sent to {sim.webhook_url} ({summary}); {len(plan.dropped)} dropped on purpose — "
         "postcall reconcile fills that gap"
     )
+
+
+def _base(webhook_url: str) -> str:
+    """The service's base URL, from its webhook URL (…/webhooks/elevenlabs)."""
+    suffix = "/webhooks/elevenlabs"
+    return webhook_url[: -len(suffix)] if webhook_url.endswith(suffix) else webhook_url

@@ -2,7 +2,7 @@
 
 Counted in the process: webhook deliveries by type and outcome, request latency per route. Read from the
 database at scrape time (so every replica and the cron-run reconciler agree): reconcile runs, gaps filled, the
-last successful reconcile, stored conversations.
+last successful reconcile, the workspace's post-call webhook as the last run found it, stored conversations.
 """
 
 from __future__ import annotations
@@ -112,6 +112,14 @@ class StoredCollector(Collector):
         if figures:
             last.add_metric([], figures["last_success"])
         yield last
+        webhook = GaugeMetricFamily(
+            "postcall_upstream_webhook_healthy",
+            "1 when the last finished reconcile run found the workspace's post-call webhook healthy at ElevenLabs "
+            "(enabled, not auto-disabled, no failure in the last day), 0 when not; absent when no run could tell.",
+        )
+        if figures.get("webhook_healthy") is not None:
+            webhook.add_metric([], 1.0 if figures["webhook_healthy"] else 0.0)
+        yield webhook
         stored = GaugeMetricFamily("postcall_conversations_stored", "Conversations stored.")
         if figures:
             stored.add_metric([], figures["conversations"])
@@ -126,10 +134,13 @@ def _read_figures(conn: sa.Connection) -> dict[str, Any]:
     ).all()
     gaps = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(r.new), 0)).where(real)).scalar_one()
     last = conn.execute(sa.select(sa.func.max(r.finished_at)).where(real, r.status == "succeeded")).scalar_one()
+    latest = sa.select(r.upstream_webhook_healthy).where(real, r.status != "running")
+    webhook = conn.execute(latest.order_by(r.started_at.desc(), r.id.desc()).limit(1)).scalar_one_or_none()
     return {
         "runs": {status: float(count) for status, count in runs},
         "gaps_filled": float(gaps),
         "last_success": last.timestamp() if last is not None else 0.0,
+        "webhook_healthy": webhook,
         "conversations": float(count_conversations(conn)),
     }
 

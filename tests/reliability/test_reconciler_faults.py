@@ -1,13 +1,16 @@
 """The reconciler against an API that misbehaves: 429s, 500s, truncated JSON, dropped connections, answers slower
-than the client's timeout, a cursor that repeats or never ends, an agent list it cannot use, and any exception at all.
+than the client's timeout, a cursor that repeats or never ends, an agent list it cannot use (and no longer needs),
+recordings it refuses, and any exception at all.
 
 Whatever the fault, a run ends — within a generous bound — with a clear status (exit 1, a failed run record and a
 message naming the fault), never moves a checkpoint past a conversation it did not store, and a clean run
-afterwards stores everything. Each scenario runs on SQLite and PostgreSQL.
+afterwards stores everything. A recording that cannot be fetched is the exception: it never holds the checkpoint,
+and is tried again by later runs until it is given up. Each scenario runs on SQLite and PostgreSQL.
 
 The scenario: a first clean run over a window that ends half an hour ago stores what started before then and sets
-each agent's checkpoint there; new conversations start after it; the faulty run meets them (and the older ones
-the first window did not reach); the fault is lifted and the next run must store them all.
+the workspace's checkpoint there (or each agent's, for runs that name them); new conversations start after it; the
+faulty run meets them (and the older ones the first window did not reach); the fault is lifted and the next run
+must store them all.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ import httpx
 import orjson
 import pytest
 from sqlalchemy.engine import Engine
+from starlette.testclient import TestClient
 
 from service import elevenlabs
 from service.config import Settings
 from service.elevenlabs import ElevenLabsClient
-from service.reconcile.ledger import Report
+from service.reconcile.ledger import AUDIO_TRIES, WORKSPACE, Report
 from service.reconcile.reconciler import Options, Reconciler
 from service.storage.audio import BlobStore
 from service.testing import FakeConversation, FakePlatform, seed_conversations
+from service.web.app import create_app
 from tests.support.reconcile import Run, checkpoint, reconcile, rows
 
 KEY = "faults-key"
@@ -48,6 +53,8 @@ NEW_PER_AGENT = 3
 # The first run's window ends here, so that its checkpoint lies well before the faulty run's end: a checkpoint
 # wrongly moved to the end of a failed run shows (two runs inside one second would share their end).
 FIRST_RUN_UNTIL = NOW - 1800
+# Runs that name the agents list each on its own, with a checkpoint each.
+EACH_AGENT = ("--agent", "agent_a", "--agent", "agent_b")
 
 
 @pytest.fixture(autouse=True)
@@ -133,24 +140,29 @@ def stored(engine: Engine) -> dict[str, dict[str, object]]:
     return {row["conversation_id"]: row for row in rows(engine, "conversation")}
 
 
-def checkpoints(engine: Engine) -> dict[str, int | None]:
-    return {agent_id: checkpoint(engine, agent_id) for agent_id in AGENTS}
+def checkpoints(engine: Engine, keys: tuple[str, ...] = (WORKSPACE,)) -> dict[str, int | None]:
+    """The workspace's checkpoint, or each agent's (`keys=AGENTS`)."""
+    return {key: checkpoint(engine, key) for key in keys}
+
+
+def in_scope(conversation: FakeConversation, key: str) -> bool:
+    return key == WORKSPACE or conversation.agent_id == key
 
 
 def last_run_record(engine: Engine) -> dict[str, object]:
     return max(rows(engine, "reconcile_run"), key=lambda row: int(row["id"]))
 
 
-def assert_checkpoints_are_honest(engine: Engine, platform: FakePlatform) -> None:
-    """A checkpoint says: every conversation of the agent that started before it is stored in full."""
+def assert_checkpoints_are_honest(engine: Engine, platform: FakePlatform, keys: tuple[str, ...] = (WORKSPACE,)) -> None:
+    """A checkpoint says: every conversation of its scope that started before it is stored in full."""
     records = stored(engine)
-    for agent_id, held in checkpoints(engine).items():
+    for key, held in checkpoints(engine, keys).items():
         assert held is not None
         for conversation in platform.all():
-            if conversation.agent_id == agent_id and conversation.start_time_unix_secs < held:
+            if in_scope(conversation, key) and conversation.start_time_unix_secs < held:
                 record = records.get(conversation.conversation_id)
                 assert record is not None and record["complete"], (
-                    f"{agent_id}'s checkpoint {held} passed {conversation.conversation_id} "
+                    f"{key}'s checkpoint {held} passed {conversation.conversation_id} "
                     f"(started {conversation.start_time_unix_secs}), which is not stored in full"
                 )
 
@@ -175,16 +187,19 @@ def assert_everything_stored(engine: Engine, platform: FakePlatform) -> None:
     assert all(record["complete"] for record in records.values())
 
 
-def first_clean_run(settings: Settings, engine: Engine, platform: FakePlatform, url: str) -> dict[str, int | None]:
-    run = bounded_reconcile(settings, url, "--until", str(FIRST_RUN_UNTIL))
+def first_clean_run(
+    settings: Settings, engine: Engine, platform: FakePlatform, url: str, *, each_agent: bool = False
+) -> dict[str, int | None]:
+    keys = AGENTS if each_agent else (WORKSPACE,)
+    run = bounded_reconcile(settings, url, "--until", str(FIRST_RUN_UNTIL), *(EACH_AGENT if each_agent else ()))
     assert run.exit_code == 0, run.stderr
     reached = {c.conversation_id for c in platform.all()} - {
         c.conversation_id for c in not_reached_by_the_first_run(platform)
     }
     assert set(stored(engine)) == reached
-    assert checkpoints(engine) == dict.fromkeys(AGENTS, FIRST_RUN_UNTIL)
-    assert_checkpoints_are_honest(engine, platform)
-    return checkpoints(engine)
+    assert checkpoints(engine, keys) == dict.fromkeys(keys, FIRST_RUN_UNTIL)
+    assert_checkpoints_are_honest(engine, platform, keys)
+    return checkpoints(engine, keys)
 
 
 def client_timeout_for(fault: Fault, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +224,7 @@ def test_a_listing_that_keeps_failing_ends_the_run_as_failed_and_leaves_every_ch
     failed = bounded_reconcile(settings, fake_url)
 
     assert_a_clear_failure(failed, engine, fault.names)
-    assert failed.json["failed"] == len(AGENTS)  # one failed listing per agent
+    assert failed.json["failed"] == 1  # one failed listing: the workspace's
     assert checkpoints(engine) == before
     assert not {c.conversation_id for c in missing} & set(stored(engine))
     assert_checkpoints_are_honest(engine, platform)
@@ -243,8 +258,8 @@ def test_details_that_keep_failing_end_the_run_as_failed_and_hold_the_checkpoint
     records = stored(engine)
     assert all(not records[c.conversation_id]["complete"] for c in missing)  # stored from the summary only
     assert_checkpoints_are_honest(engine, platform)
-    for agent_id, held in checkpoints(engine).items():
-        oldest_missing = min(c.start_time_unix_secs for c in missing if c.agent_id == agent_id)
+    for key, held in checkpoints(engine).items():
+        oldest_missing = min(c.start_time_unix_secs for c in missing if in_scope(c, key))
         assert held is not None and held <= oldest_missing
 
     platform.clear_faults()
@@ -256,20 +271,17 @@ def test_details_that_keep_failing_end_the_run_as_failed_and_hold_the_checkpoint
     assert_checkpoints_are_honest(engine, platform)
 
 
-def test_an_agent_listing_that_keeps_failing_ends_the_run_as_failed_and_writes_no_checkpoint(
+def test_an_agent_listing_that_keeps_failing_does_not_matter_the_workspace_is_listed_without_it(
     settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
 ) -> None:
     platform.fail(None, 503, kinds={"agents"})
 
-    failed = bounded_reconcile(settings, fake_url)
+    run = bounded_reconcile(settings, fake_url)
 
-    assert_a_clear_failure(failed, engine, "HTTP 503")
-    assert checkpoints(engine) == dict.fromkeys(AGENTS)
-    assert stored(engine) == {}
-
-    platform.clear_faults()
-    assert bounded_reconcile(settings, fake_url).exit_code == 0
+    assert run.exit_code == 0, run.stderr
+    assert platform.calls_to("agents") == []
     assert_everything_stored(engine, platform)
+    assert_checkpoints_are_honest(engine, platform)
 
 
 def test_a_cursor_that_repeats_stops_the_paging_with_a_failed_run_instead_of_looping(
@@ -283,8 +295,8 @@ def test_a_cursor_that_repeats_stops_the_paging_with_a_failed_run_instead_of_loo
     failed = bounded_reconcile(settings, fake_url)
 
     assert_a_clear_failure(failed, engine, "repeated cursor")
-    # Per agent: the first page, then the page whose cursor points back at itself, and no more.
-    assert len(platform.calls_to("list")) == 2 * len(AGENTS)
+    # The first page, then the page whose cursor points back at itself, and no more.
+    assert len(platform.calls_to("list")) == 2
     assert checkpoints(engine) == before
     assert_checkpoints_are_honest(engine, platform)
 
@@ -328,39 +340,35 @@ def agent_list(*entries: Any) -> bytes:
     return orjson.dumps({"agents": list(entries), "next_cursor": None, "has_more": False})
 
 
-def test_agent_entries_without_a_usable_id_are_skipped_with_a_warning(
-    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+@pytest.mark.parametrize(
+    "answer",
+    [
+        agent_list({"agent_id": 5}, {"agent_id": None}, {"agent_id": ["agent_b"]}, {"name": "no id"}),
+        agent_list(*AGENTS),  # plain strings
+        b'{"agents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["entries-without-a-usable-id", "plain-strings", "deeply-nested"],
+)
+def test_an_agent_list_it_cannot_use_does_not_matter_the_workspace_is_listed_without_it(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str, answer: bytes
 ) -> None:
-    unusable = ({"agent_id": 5}, {"agent_id": None}, {"agent_id": ["agent_b"]}, {"name": "no id"})
-    platform.answer_with(agent_list(*unusable, {"agent_id": "agent_a"}), None, kinds={"agents"})
+    """Agents are no longer listed to find conversations: an archived or deleted agent's would be missed."""
+    platform.answer_with(answer, None, kinds={"agents"})
 
     run = reconcile(settings, fake_url, KEY, "--json")
 
     assert run.exit_code == 0, run.stderr
-    assert run.json["agents"] == ["agent_a"]
-    assert run.json["warnings"] == ["skipped 4 agent(s) listed without a usable agent_id"]
-    assert set(stored(engine)) == {c.conversation_id for c in platform.all() if c.agent_id == "agent_a"} != set()
+    assert run.json["agents"] == [] and run.json["warnings"] == []
+    assert platform.calls_to("agents") == []
+    assert_everything_stored(engine, platform)
     assert last_run_record(engine)["status"] == "succeeded"
-    assert "skipped 4 agent(s)" in run.stderr  # logged as a warning too
-
-
-def test_an_agent_list_of_plain_strings_is_a_failed_run_not_a_crash(
-    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
-) -> None:
-    platform.answer_with(agent_list(*AGENTS), None, kinds={"agents"})
-
-    run = reconcile(settings, fake_url, KEY, "--json")
-
-    assert_a_clear_failure(run, engine, "no usable agent_id")
-    assert stored(engine) == {}
-    assert checkpoint(engine, "agent_a") is None
 
 
 def test_a_deeply_nested_answer_is_a_failed_run_not_a_traceback(
     settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
 ) -> None:
     depth = 100_000
-    platform.answer_with(b'{"agents": ' + b"[" * depth + b"]" * depth + b"}", None, kinds={"agents"})
+    platform.answer_with(b'{"conversations": ' + b"[" * depth + b"]" * depth + b"}", None, kinds={"list"})
 
     run = reconcile(settings, fake_url, KEY, "--json")
 
@@ -380,10 +388,15 @@ class BrokenClient:
         self._error = error
         self._on = on
 
-    def agents(self) -> AsyncIterator[dict[str, Any]]:
-        return self._client.agents()
+    async def convai_settings(self) -> dict[str, Any]:
+        return await self._client.convai_settings()
 
-    async def conversation_pages(self, agent_id: str, after: int, before: int) -> AsyncIterator[list[dict[str, Any]]]:
+    async def workspace_webhooks(self) -> list[Any]:
+        return await self._client.workspace_webhooks()
+
+    async def conversation_pages(
+        self, agent_id: str | None, after: int, before: int
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         if self._on == "list":
             raise self._error
         async for page in self._client.conversation_pages(agent_id, after, before):
@@ -457,10 +470,12 @@ def test_a_listing_that_never_ends_fails_the_run_after_its_page_bound_and_holds_
     report = reconcile_directly(settings, engine, fake_url, Options(max_pages=20))
 
     assert not report.ok
-    assert report.counts.failed == len(AGENTS)
-    for agent_id in AGENTS:
-        assert f"agent {agent_id}: listing conversations failed: more than 20 pages" in "\n".join(report.errors)
-        assert len([call for call in platform.calls_to("list") if call.query["agent_id"] == agent_id]) == 21
+    assert report.counts.failed == 1
+    assert report.errors == [
+        "the workspace: listing conversations failed: more than 20 pages: the API keeps saying there is more"
+    ]
+    assert len(platform.calls_to("list")) == 21
+    assert all("agent_id" not in call.query for call in platform.calls_to("list"))
     record = last_run_record(engine)
     assert record["id"] == report.run_id and record["status"] == "failed"
     assert "more than 20 pages" in str(record["error"])
@@ -476,24 +491,28 @@ def test_a_listing_that_never_ends_fails_the_run_after_its_page_bound_and_holds_
 # --- the checkpoint never moves backwards; a detail gone for good is given up (issue 18, item 11) ------------------
 
 
+@pytest.mark.parametrize("each_agent", [False, True], ids=["workspace", "each-agent"])
 def test_a_failed_conversation_without_a_start_time_never_moves_the_checkpoint_back(
-    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str, each_agent: bool
 ) -> None:
-    before = first_clean_run(settings, engine, platform, fake_url)
+    scope = EACH_AGENT if each_agent else ()
+    before = first_clean_run(settings, engine, platform, fake_url, each_agent=each_agent)
     platform.add(FakeConversation("conv_no_start", "agent_a", NOW - 60, status="done"))
     platform.summaries_without_start.add("conv_no_start")
     platform.failing_ids.add("conv_no_start")
 
-    failed = bounded_reconcile(settings, fake_url)
+    failed = bounded_reconcile(settings, fake_url, *scope)
 
     assert_a_clear_failure(failed, engine, "conv_no_start")
-    assert checkpoint(engine, "agent_a") == before["agent_a"]  # not 0: the next run does not list all history
-    moved = checkpoint(engine, "agent_b")
-    assert moved is not None and moved > FIRST_RUN_UNTIL
+    held_key = "agent_a" if each_agent else WORKSPACE
+    assert checkpoint(engine, held_key) == before[held_key]  # not 0: the next run does not list all history
+    if each_agent:
+        moved = checkpoint(engine, "agent_b")
+        assert moved is not None and moved > FIRST_RUN_UNTIL
 
     platform.failing_ids.clear()
     platform.reset_calls()
-    fixed = bounded_reconcile(settings, fake_url, "--agent", "agent_a")
+    fixed = bounded_reconcile(settings, fake_url, *(("--agent", "agent_a") if each_agent else ()))
 
     assert fixed.exit_code == 0, fixed.stderr
     assert int(platform.calls_to("list")[0].query["call_start_after_unix"]) == FIRST_RUN_UNTIL - 3600 - 1
@@ -520,7 +539,7 @@ def test_a_detail_that_answers_404_in_five_runs_is_given_up_reported_and_no_long
         assert f"404 in {run_number} of the 5 runs" in "\n".join(failed.json["errors"])
         assert failed.json["given_up"] == 0
         assert not_found_runs(engine, "conv_ghost") == run_number
-        held = checkpoint(engine, "agent_a")
+        held = checkpoint(engine, WORKSPACE)
         assert held is not None and held <= ghost.start_time_unix_secs
 
     fifth = bounded_reconcile(settings, fake_url)
@@ -531,7 +550,7 @@ def test_a_detail_that_answers_404_in_five_runs_is_given_up_reported_and_no_long
     record = last_run_record(engine)
     assert record["status"] == "succeeded"
     assert record["given_up"] == 1 and record["warnings"] == fifth.json["warnings"]
-    moved = checkpoint(engine, "agent_a")
+    moved = checkpoint(engine, WORKSPACE)
     assert moved is not None and moved > ghost.start_time_unix_secs
     assert not stored(engine)["conv_ghost"]["complete"]  # kept as listed
     assert reconcile(settings, fake_url, KEY, "--dry-run", "--json").json["details_needed"] == 0
@@ -561,3 +580,115 @@ def test_a_detail_found_after_some_404s_is_stored_and_its_count_forgotten(
     assert stored(engine)["conv_late"]["complete"]
     assert not_found_runs(engine, "conv_late") is None
     assert_everything_stored(engine, platform)
+
+
+# --- a recording that cannot be fetched never holds the checkpoint (issue 13) ---------------------------------------
+
+
+def audio_tries(engine: Engine, conversation_id: str) -> int | None:
+    found = [
+        row["tries"] for row in rows(engine, "reconcile_audio_attempt") if row["conversation_id"] == conversation_id
+    ]
+    return found[0] if found else None
+
+
+def audio_calls_for(platform: FakePlatform, conversation_id: str) -> int:
+    return sum(1 for call in platform.calls_to("audio") if call.path.split("/")[-2] == conversation_id)
+
+
+def test_a_recording_refused_with_400_is_tried_in_5_runs_then_given_up_and_never_holds_the_checkpoint(
+    settings: Settings, engine: Engine, platform: FakePlatform
+) -> None:
+    victim = FakeConversation("conv_refused_audio", "agent_a", NOW - 86400, status="done")
+    platform.add(victim)
+    platform.audio_faults[victim.conversation_id] = 400
+    runs = []
+    with platform.serve() as url:
+        for _ in range(7):
+            runs.append(bounded_reconcile(settings, url, "--audio"))
+            if len(runs) == 1:  # every later run's window starts after the victim: only the ledger recalls it
+                held = checkpoint(engine, WORKSPACE)
+                assert held is not None and held > victim.start_time_unix_secs
+
+    for number, run in enumerate(runs[:AUDIO_TRIES], start=1):
+        assert run.exit_code == 0, run.stderr
+        assert run.json["failed"] == 0 and run.json["errors"] == []
+        [warning] = run.json["warnings"]
+        assert warning.startswith(f"{victim.conversation_id}: audio: HTTP 400: Injected HTTP 400")
+        if number < AUDIO_TRIES:
+            assert run.json["audio_failed"] == 0
+            assert warning.endswith(f"(try {number} of {AUDIO_TRIES}; tried again next run)")
+        else:
+            assert run.json["audio_failed"] == 1
+            assert warning.endswith(f"; failed in {AUDIO_TRIES} runs, given up (kept without it)")
+    for run in runs[AUDIO_TRIES:]:  # left alone
+        assert run.exit_code == 0, run.stderr
+        assert run.json["audio_failed"] == 0 and run.json["warnings"] == []
+    assert audio_calls_for(platform, victim.conversation_id) == AUDIO_TRIES  # one a run: a 400 is not retried
+    assert audio_tries(engine, victim.conversation_id) == AUDIO_TRIES
+    fifth = next(row for row in rows(engine, "reconcile_run") if row["id"] == runs[AUDIO_TRIES - 1].json["run_id"])
+    assert fifth["status"] == "succeeded" and fifth["audio_failed"] == 1
+    assert fifth["warnings"] == runs[AUDIO_TRIES - 1].json["warnings"]
+    with TestClient(create_app(settings, engine=engine)) as client:
+        served = client.get("/v1/reconcile/runs", headers={"Authorization": "Bearer test-token"}).json()["runs"]
+    assert [run["audio_failed"] for run in served] == [0, 0, 1, 0, 0, 0, 0]  # newest first
+    assert served[2]["warnings"] == fifth["warnings"]
+    records = stored(engine)
+    assert records[victim.conversation_id]["complete"] and not records[victim.conversation_id]["has_audio"]
+    others = [c for c in platform.all() if c.status == "done" and c is not victim]
+    assert all(records[c.conversation_id]["has_audio"] for c in others)  # the rest of the audio is stored
+    moved = checkpoint(engine, WORKSPACE)
+    assert moved is not None and moved > NOW
+
+
+def test_a_recording_that_fails_twice_then_answers_is_stored_by_a_later_run_and_its_tries_forgotten(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    victim = FakeConversation("conv_late_audio", "agent_a", NOW - 86400, status="done")
+    platform.add(victim)
+    platform.audio_faults[victim.conversation_id] = 503  # retried within each run, then a try of the ledger's
+    for _ in range(2):
+        run = bounded_reconcile(settings, fake_url, "--audio")
+        assert run.exit_code == 0, run.stderr
+    assert audio_tries(engine, victim.conversation_id) == 2
+
+    del platform.audio_faults[victim.conversation_id]
+    fixed = bounded_reconcile(settings, fake_url, "--audio")
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert fixed.json["audio_fetched"] == 1 and fixed.json["updated"] == 1 and fixed.json["warnings"] == []
+    record = stored(engine)[victim.conversation_id]
+    assert record["has_audio"]
+    assert (settings.data_dir / str(record["audio_path"])).read_bytes() == victim.audio(platform.audio_bytes)
+    assert audio_tries(engine, victim.conversation_id) is None
+    platform.reset_calls()
+    assert bounded_reconcile(settings, fake_url, "--audio").json["audio_fetched"] == 0
+    assert platform.calls_to("audio") == []
+
+
+def test_a_recording_it_cannot_write_fails_the_run_loudly_but_still_never_holds_the_checkpoint(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    first_clean_run(settings, engine, platform, fake_url)
+    platform.add(FakeConversation("conv_unwritable_audio", "agent_a", NOW - 60, status="done"))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "tmp").write_text("a file where the temp dir should be")  # every temp file fails
+
+    failed = bounded_reconcile(settings, fake_url, "--audio")
+
+    assert failed.exit_code == 1, failed.stderr
+    assert failed.json["audio_fetched"] == 0 and failed.json["failed"] >= 1
+    assert any(
+        e.startswith("conv_unwritable_audio: audio: cannot write it to the data dir:") for e in failed.json["errors"]
+    )
+    assert audio_tries(engine, "conv_unwritable_audio") == 1
+    assert_checkpoints_are_honest(engine, platform)
+    moved = checkpoint(engine, WORKSPACE)
+    assert moved is not None and moved > NOW  # the recording does not hold it; the ledger remembers it
+
+    (settings.data_dir / "tmp").unlink()
+    fixed = bounded_reconcile(settings, fake_url, "--audio")
+
+    assert fixed.exit_code == 0, fixed.stderr
+    assert stored(engine)["conv_unwritable_audio"]["has_audio"]
+    assert audio_tries(engine, "conv_unwritable_audio") is None

@@ -21,6 +21,7 @@ TABLES = (
     "reconcile_run",
     "reconcile_lease",
     "reconcile_not_found",
+    "reconcile_audio_attempt",
 )
 
 
