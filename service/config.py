@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     elevenlabs_base_url: str = "https://api.elevenlabs.io"
     agent_ids: CommaList = ()
     api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Tokens that may also erase (api/auth.py): an admin token can do all a read token can.
+    admin_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
 
-    @field_validator("agent_ids", "webhook_secrets", "api_tokens", mode="before")
+    @field_validator("agent_ids", "webhook_secrets", "api_tokens", "admin_tokens", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
