@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from service.api.auth import ApiDisabled, Caller, Unauthorized, identify
+from service.api.auth import ADMIN_HINT, ApiDisabled, Caller, Unauthorized, identify
 from service.config import Settings
 from service.storage.db import create_engine
 from service.storage.migrations import upgrade
 from service.web.app import create_app
+from service.web.state import AppState
 from tests.support import records
+from tests.support.reconcile import rows
 
 READ = "read-token"
 ADMIN, ADMIN_2 = "admin-token", "second-admin-token"
@@ -35,7 +38,7 @@ def make_client(tmp_path: Path) -> Iterator[MakeClient]:
             data_dir=tmp_path / "data",
             api_tokens=api_tokens,
             admin_tokens=admin_tokens,
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
         )
         engine = create_engine(settings.database_url)
         upgrade(engine)
@@ -85,6 +88,40 @@ def test_with_no_token_of_either_kind_the_api_is_403_naming_both_settings(make_c
     assert answer.status_code == 403
     assert "POSTCALL_API_TOKENS" in answer.json()["error"]
     assert "POSTCALL_ADMIN_TOKENS" in answer.json()["error"]
+
+
+def test_a_read_token_on_an_admin_route_is_403_and_changes_nothing(make_client: MakeClient) -> None:
+    client = make_client(READ, ADMIN)
+    answer = client.delete("/v1/conversations/conv_1", headers=bearer(READ))
+    assert (answer.status_code, answer.json()) == (403, {"error": ADMIN_HINT})
+    assert client.get("/v1/conversations/conv_1", headers=bearer(READ)).status_code == 200
+    assert client.delete("/v1/conversations/conv_1", headers=bearer("wrong")).status_code == 401
+    assert client.delete("/v1/conversations/conv_1").status_code == 401
+    assert client.get("/v1/conversations/conv_1/audio", headers=bearer(READ)).status_code == 200
+
+
+def test_without_admin_tokens_an_admin_route_says_how_to_enable_them(make_client: MakeClient) -> None:
+    client = make_client(READ, "")
+    answer = client.delete("/v1/conversations/conv_1", headers=bearer(READ))
+    assert answer.status_code == 403
+    assert "POSTCALL_ADMIN_TOKENS" in answer.json()["error"]
+    assert client.get("/v1/conversations/conv_1", headers=bearer(READ)).status_code == 200
+
+
+def test_the_erase_log_names_the_admin_token_by_position_and_no_log_shows_a_token(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(READ, f"{ADMIN},{ADMIN_2}")
+    with caplog.at_level(logging.DEBUG):
+        assert client.delete("/v1/conversations/conv_1", headers=bearer(READ)).status_code == 403
+        assert client.delete("/v1/conversations/conv_1", headers=bearer(ADMIN_2)).status_code == 204
+    state: AppState = client.app.state.postcall  # type: ignore[attr-defined]
+    [entry] = rows(state.engine, "erase_log")
+    assert entry["actor"] == "admin token 2"
+    assert "admin token 2" in caplog.text
+    for token in (READ, ADMIN, ADMIN_2):
+        assert token not in caplog.text
+        assert token not in repr(entry)
 
 
 def test_identify_names_a_caller_by_kind_and_position_never_by_the_token() -> None:

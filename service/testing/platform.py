@@ -12,6 +12,8 @@ It answers what postcall calls, shaped like ElevenLabs' models:
                                                   → {"token": <LiveKit-style JWT>}, room "room_<conversation id>_…"
     GET /v1/convai/conversation/get-signed-url    ?agent_id&include_conversation_id=true
                                                   → {"signed_url": "wss://…", "conversation_id": "conv_…"}
+    DELETE /v1/convai/conversations/{id}          forgets it (no longer listed, fetched or its audio served);
+                                                  404 if unknown. `fail(…, kinds={"delete"})` refuses deletions
 
 Every request needs the `xi-api-key` it was built with (else 401) and is logged in `calls` (time, path, query,
 status, the request's and the answer's headers). On demand it answers 429 with `Retry-After` (`throttle`), 500
@@ -83,7 +85,7 @@ ENDLESS_CURSOR = "endless-"
 @dataclass(frozen=True)
 class Call:
     at: float  # time.monotonic() when the request arrived
-    kind: str  # agents | list | detail | audio | token | signed_url
+    kind: str  # agents | list | detail | audio | token | signed_url | delete
     path: str
     query: dict[str, str]
     status: int
@@ -336,6 +338,11 @@ class FakePlatform:
                 Route("/v1/convai/conversations/{conversation_id}/audio", self._endpoint("audio", self._audio)),
                 Route("/v1/convai/conversation/token", self._endpoint("token", self._token)),
                 Route("/v1/convai/conversation/get-signed-url", self._endpoint("signed_url", self._signed_url)),
+                Route(
+                    "/v1/convai/conversations/{conversation_id}",
+                    self._endpoint("delete", self._delete),
+                    methods=["DELETE"],
+                ),
             ]
         )
 
@@ -549,6 +556,18 @@ class FakePlatform:
         if query.get("include_conversation_id", "").lower() == "true":
             body["conversation_id"] = cid
         return _json(body)
+
+    def _delete(self, request: Request) -> Response:
+        cid = request.path_params["conversation_id"]
+        with self._lock:
+            conversation = self._by_id.pop(cid, None)
+            if conversation is not None:
+                key = (-conversation.start_time_unix_secs, cid)
+                self._order[None].remove(key)
+                self._order[conversation.agent_id].remove(key)
+        if conversation is None:
+            return _error(404, "conversation_not_found", "Conversation not found")
+        return _json({})
 
 
 def livekit_token(conversation_id: str, participant_name: str | None) -> str:

@@ -21,6 +21,8 @@ TABLES = (
     "reconcile_run",
     "reconcile_lease",
     "reconcile_not_found",
+    "conversation_tombstone",
+    "erase_log",
 )
 
 
