@@ -2,7 +2,7 @@
 
 Revision ID: 0007
 Revises: 0005
-Create Date: 2026-12-04 12:00:00
+Create Date: 2026-11-30 12:00:00
 
 `conversation_tombstone` holds the id of each erased conversation and when it was erased, nothing else: the one
 write path (record/store.py) stores nothing more of an id found there, so the reconciler, a late webhook and the
