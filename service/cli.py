@@ -197,6 +197,39 @@ def purge(
     typer.echo(retention.describe(report, cutoff, older_than, audio_only, dry_run))
 
 
+MAX_USER_ID_LENGTH = 1024  # the user_id column's width
+
+
+@app.command()
+def erase(
+    conversation: Annotated[
+        list[str] | None, typer.Option("--conversation", help="A conversation id to erase (repeatable).")
+    ] = None,
+    user_id: Annotated[str | None, typer.Option("--user-id", help="Erase every conversation of this user_id.")] = None,
+    upstream: Annotated[
+        bool, typer.Option("--upstream", help="Also delete them at ElevenLabs (needs POSTCALL_ELEVENLABS_API_KEY).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be erased.")] = False,
+) -> None:
+    """Erase conversations for good: record, audio, archived webhook bodies; a tombstone keeps them from coming back."""
+    from service.erase.command import execute
+    from service.record.payloads import valid_conversation_id
+
+    ids = conversation or []
+    if bool(ids) == (user_id is not None):
+        fail("give either --conversation ID (repeatable) or --user-id U")
+    for conversation_id in ids:
+        if not valid_conversation_id(conversation_id):
+            fail(f"--conversation {conversation_id!r} is not a conversation id")
+    if user_id is not None and not (0 < len(user_id) <= MAX_USER_ID_LENGTH and "\x00" not in user_id):
+        fail(f"--user-id must be 1 to {MAX_USER_ID_LENGTH} characters, without NUL")
+    required = [("elevenlabs_api_key", "erase --upstream")] if upstream and not dry_run else []
+    settings = settings_or_exit(*required)
+    setup_logging()
+    code = execute(settings, conversation_ids=ids, user_id=user_id, upstream=upstream, dry_run=dry_run)
+    raise typer.Exit(code)
+
+
 @app.command()
 def reconcile(
     agent: Annotated[

@@ -44,8 +44,10 @@ class Settings(BaseSettings):
     # Where ElevenLabs reaches this service (http or https, no trailing slash): `postcall doctor` checks that the
     # workspace's post-call webhook posts to its /webhooks/elevenlabs.
     public_url: str | None = None
+    # Tokens that may also erase (api/auth.py): an admin token can do all a read token can.
+    admin_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
 
-    @field_validator("agent_ids", "webhook_secrets", "api_tokens", mode="before")
+    @field_validator("agent_ids", "webhook_secrets", "api_tokens", "admin_tokens", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)

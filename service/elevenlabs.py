@@ -399,6 +399,15 @@ class ElevenLabsClient:
         query = _present(agent_id=agent_id, include_conversation_id="true", **params)
         return _with_credential(await self._get_json(SIGNED_URL_PATH, query, "signed_url"), "signed_url")
 
+    async def delete_conversation(self, conversation_id: str) -> None:
+        """Delete it at ElevenLabs (`DELETE /v1/convai/conversations/{id}`, retried like any call: deleting twice is
+        harmless). NotFound when ElevenLabs holds no such conversation — for an erasure, as good as deleted."""
+
+        async def done(response: httpx.Response) -> None:
+            await read_at_most(response, MAX_ERROR_BYTES)  # a small acknowledgement; nothing in it is needed
+
+        await self._send(f"/v1/convai/conversations/{_segment(conversation_id)}", {}, "delete", done)
+
     # --- plumbing --------------------------------------------------------------------------------------------
 
     async def _pages(self, path: str, params: Mapping[str, Any], kind: str, key: str) -> AsyncIterator[list[Any]]:
@@ -433,7 +442,7 @@ class ElevenLabsClient:
             with anyio.fail_after(self._deadline):
                 return await self._attempts(path, params, kind, consume)
         except TimeoutError:
-            raise TimedOut(f"ElevenLabs did not answer within {self._deadline:g} s (GET {path})") from None
+            raise TimedOut(f"ElevenLabs did not answer within {self._deadline:g} s ({_method(kind)} {path})") from None
 
     async def _attempts(
         self, path: str, params: Mapping[str, Any], kind: str, consume: Callable[[httpx.Response], Awaitable[T]]
@@ -470,7 +479,7 @@ class ElevenLabsClient:
         await self._wait_turn()
         async with self._slots:
             self.calls[kind] += 1
-            request = self._http.build_request("GET", path, params=params, headers=self._headers)
+            request = self._http.build_request(_method(kind), path, params=params, headers=self._headers)
             try:
                 response = await self._http.send(request, stream=True)
                 try:
@@ -480,11 +489,13 @@ class ElevenLabsClient:
                 finally:
                     await response.aclose()
             except httpx.TimeoutException as exc:
-                raise TimedOut(self._scrub(f"ElevenLabs did not answer in time: {_described(exc, path)}")) from None
+                raise TimedOut(
+                    self._scrub(f"ElevenLabs did not answer in time: {_described(exc, kind, path)}")
+                ) from None
             except httpx.TransportError as exc:
-                raise Unreachable(self._scrub(f"cannot reach ElevenLabs: {_described(exc, path)}")) from None
+                raise Unreachable(self._scrub(f"cannot reach ElevenLabs: {_described(exc, kind, path)}")) from None
             except httpx.HTTPError as exc:  # a body that cannot be decoded (bad gzip…): an answer we cannot use
-                raise BadAnswer(self._scrub(_described(exc, path))) from None
+                raise BadAnswer(self._scrub(_described(exc, kind, path))) from None
         raise self._api_error(response, body)
 
     def _api_error(self, response: httpx.Response, body: bytes) -> ApiError:
@@ -506,8 +517,13 @@ class ElevenLabsClient:
         return scrub_key(text, self._api_key)[:MAX_REASON_CHARS]
 
 
-def _described(exc: httpx.HTTPError, path: str) -> str:
-    return f"{type(exc).__name__} on GET {path}: {exc}"
+def _method(kind: str) -> str:
+    """The HTTP method of a kind of call: every kind but `delete` only reads."""
+    return "DELETE" if kind == "delete" else "GET"
+
+
+def _described(exc: httpx.HTTPError, kind: str, path: str) -> str:
+    return f"{type(exc).__name__} on {_method(kind)} {path}: {exc}"
 
 
 def _segment(conversation_id: str) -> str:

@@ -1,6 +1,7 @@
 """`GET /openapi.json`: the OpenAPI 3.1 document, built from the app's routes.
 
-Paths, methods and which operations need a bearer token come from the routes themselves (`auth.requires_bearer`);
+Paths, methods and which operations need a bearer token, or an admin one, come from the routes themselves
+(`auth.requires_bearer`, `auth.requires_admin`);
 what each operation takes and answers is written down in `OPERATIONS` below. A route with no entry still appears
 (as "undocumented"), and tests/test_openapi.py fails on it — so the document cannot silently fall behind.
 """
@@ -17,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.api import query_params
-from service.api.auth import ENABLE_HINT, requires_bearer
+from service.api.auth import ADMIN_HINT, ENABLE_HINT, requires_admin, requires_bearer
 from service.record.fields import DETAIL_ONLY, FILTERS, LISTED, Kind, RecordField
 from service.storage.tables import RUN_COUNTS
 
@@ -172,6 +173,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "503": UNAVAILABLE,
         },
     },
+    ("DELETE", "/v1/conversations/{conversation_id}"): {
+        "summary": "Erase a conversation for good (admin token)",
+        "description": (
+            "Deletes the record, its audio and its archived webhook bodies, and keeps a tombstone (the id and when, "
+            "nothing else): a late webhook is answered 200 `ignored` and the reconciler and the session broker never "
+            "store it again. Each erasure is in the erase log (which admin token, when, how many), without personal "
+            "data. `postcall erase` does the same for many conversations, or every conversation of a user_id."
+        ),
+        "parameters": [CONVERSATION_ID],
+        "responses": {
+            "204": {"description": "erased"},
+            "404": _error("no conversation with this id is stored (an erased one included)"),
+            "503": UNAVAILABLE,
+        },
+    },
     ("GET", "/v1/conversations/{conversation_id}/audio"): {
         "summary": "The conversation's audio (MP3), with Range support",
         "description": (
@@ -302,6 +318,10 @@ AUTH_RESPONSES = {
     "401": _error("missing or wrong bearer token"),
     "403": _error(f"no token is configured ({ENABLE_HINT})"),
 }
+ADMIN_RESPONSES = {
+    **AUTH_RESPONSES,
+    "403": _error(f"a read token ({ADMIN_HINT}), or no token is configured ({ENABLE_HINT})"),
+}
 
 
 def openapi_path(route: Route) -> str:
@@ -337,7 +357,8 @@ def _operation(route: Route, method: str) -> dict[str, Any]:
     operation["operationId"] = f"{method.lower()}_{route.name}"
     if requires_bearer(route.endpoint):
         operation["security"] = [{"bearer": []}]
-        operation["responses"].update(copy.deepcopy(AUTH_RESPONSES))
+        auth = ADMIN_RESPONSES if requires_admin(route.endpoint) else AUTH_RESPONSES
+        operation["responses"].update(copy.deepcopy(auth))
     else:
         operation["security"] = []
     if not operation["responses"]:

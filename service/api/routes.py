@@ -1,4 +1,5 @@
-"""The read API: stored conversations, their audio, and the reconciler's runs. Every route needs a bearer token.
+"""The API: stored conversations, their audio, and the reconciler's runs. Every route needs a bearer token;
+erasing a conversation (`DELETE`) an admin token.
 
 Audio and `Range` (RFC 9110 §14): one range is answered 206 with `Content-Range`; a range starting beyond the end
 (or a suffix of zero bytes) is 416 with `Content-Range: bytes */<size>`; a header that is not one well-formed
@@ -25,8 +26,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from service.api import reads
-from service.api.auth import bearer_protected
+from service.api.auth import Caller, admin_protected, bearer_protected
 from service.api.query_params import encode_cursor, parse_filter, parse_runs_limit
+from service.erase import erasure
 from service.record.payloads import valid_conversation_id
 from service.storage.audio import AudioReader
 from service.storage.db import StoreUnavailable, unavailable_as_store_error
@@ -125,6 +127,19 @@ async def get_audio(request: Request) -> Response:
     return StreamingResponse(_chunks(audio, wanted), status_code=status, headers=headers, media_type="audio/mpeg")
 
 
+async def delete_conversation(request: Request, caller: Caller) -> Response:
+    """Erase one stored conversation (erase/erasure.py); 404 when none is stored under this id, erased before
+    included. The erase log names the caller's token by its position, never the token."""
+    conversation_id = _conversation_id(request)
+    state = app_state(request)
+    plan = erasure.named([conversation_id], tombstone_unstored=False)
+    report = await erasure.erase(state.engine, state.blobs, plan, caller.name, clock=state.clock)
+    if not report.conversations:
+        raise NotFound("conversation not found")
+    log.info("conversation erased by %s", caller.name, extra={"conversation_id": conversation_id})
+    return Response(status_code=204)
+
+
 @dataclass(frozen=True)
 class ByteRange:
     start: int
@@ -185,6 +200,7 @@ def routes() -> list[Route]:
     return [
         Route("/v1/conversations", bearer_protected(list_conversations), methods=["GET"]),
         Route("/v1/conversations/{conversation_id}", bearer_protected(get_conversation), methods=["GET"]),
+        Route("/v1/conversations/{conversation_id}", admin_protected(delete_conversation), methods=["DELETE"]),
         Route("/v1/conversations/{conversation_id}/audio", bearer_protected(get_audio), methods=["GET"]),
         Route("/v1/reconcile/runs", bearer_protected(list_runs), methods=["GET"]),
     ]

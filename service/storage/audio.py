@@ -160,6 +160,7 @@ class TempBlob:
         self._synced = False
         self._committed = False
         self._claim: Claim | None = None
+        self._final: Path | None = None
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -189,9 +190,19 @@ class TempBlob:
             raise
         os.replace(self.path, final)
         self._committed = True
+        self._final = final
         _fsync_dir(final.parent)
         after_commit(self._claim.settle)
         return relpath
+
+    def withdraw(self) -> None:
+        """Take a committed file back out of place before its transaction commits, because that transaction found
+        it must not keep it (its conversation was erased meanwhile, record/store.py). The path's lock, held since
+        `commit()`, keeps every other writer and deleter of the path waiting until then."""
+        if self._final is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._final.unlink()
+            self._final = None
 
     def discard(self) -> None:
         """Remove the temp file, or once committed only unlock it. Never raises: it runs on error paths."""

@@ -241,3 +241,29 @@ class ReconcileLease(SQLModel, table=True):
     holder: str = Field(max_length=256)
     acquired_at: datetime = _time(nullable=False)
     expires_at: datetime = _time(nullable=False)
+
+
+class ConversationTombstone(SQLModel, table=True):
+    """An erased conversation: its id and when, nothing else. The one write path (record/store.py) stores nothing
+    of a conversation that has one, whoever brings it (a late webhook, the reconciler, the broker)."""
+
+    __tablename__ = "conversation_tombstone"
+
+    conversation_id: str = Field(primary_key=True, max_length=256)
+    erased_at: datetime = _time(nullable=False)
+
+
+class EraseLog(SQLModel, table=True):
+    """One committed erase batch, for audits: who, when, how many, chosen how. Never which conversations, whose
+    they were, or the token: nothing personal (erase/erasure.py)."""
+
+    __tablename__ = "erase_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    erased_at: datetime = _time(nullable=False, index=True)
+    actor: str = Field(max_length=64)  # "cli", or "admin token <n>" (its position in POSTCALL_ADMIN_TOKENS)
+    selector: str = Field(max_length=16)  # conversation | user_id
+    conversations: int  # records deleted
+    tombstones: int  # ids newly tombstoned (with the CLI, named ids never stored too)
+    audio_files: int
+    webhook_events: int

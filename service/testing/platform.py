@@ -11,7 +11,8 @@ It answers what postcall calls, shaped like ElevenLabs' models:
                                                   `transcript_summary`; include), cursor (opaque; 422 if unknown);
                                                   newest first, {"conversations": [...], "next_cursor", "has_more"}
     GET /v1/convai/conversations/{id}             the detail; 404 if unknown
-    DELETE /v1/convai/conversations/{id}          deletes it (200 {}); 404 if unknown
+    DELETE /v1/convai/conversations/{id}          deletes it (200 {}): no longer listed, fetched or its audio
+                                                  served; 404 if unknown. `fail(…, kinds={"delete"})` refuses
     GET /v1/convai/conversations/{id}/audio       audio/mpeg; 404 when the conversation has no audio
     GET /v1/workspace/webhooks                    {"webhooks": [...]} (WorkspaceWebhookListResponseModel)
     GET /v1/convai/settings                       {"webhooks": {"post_call_webhook_id", "events",
@@ -100,7 +101,7 @@ DEFAULT_WEBHOOK_URL = "https://postcall.example.com/webhooks/elevenlabs"
 @dataclass(frozen=True)
 class Call:
     at: float  # time.monotonic() when the request arrived
-    kind: str  # agents | list | detail | audio | token | signed_url
+    kind: str  # agents | list | detail | audio | token | signed_url | delete
     path: str
     query: dict[str, str]
     status: int

@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from service import elevenlabs
-from service.api.auth import ApiDisabled, Unauthorized
+from service.api.auth import ApiDisabled, Forbidden, Unauthorized
 from service.api.query_params import QueryError
 from service.api.routes import NotFound, RangeNotSatisfiable
 from service.broker.sessions import BrokerNotConfigured, InvalidSessionRequest
@@ -145,6 +145,11 @@ async def api_disabled(request: Request, exc: Exception) -> Response:
     return error(403, str(exc))
 
 
+async def forbidden(request: Request, exc: Exception) -> Response:
+    log.info("admin route refused to a read token: %s %s", request.method, request.url.path)
+    return error(403, str(exc))
+
+
 async def http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     answer = error(exc.status_code, str(exc.detail))
@@ -172,6 +177,7 @@ EXCEPTION_HANDLERS = {
     RangeNotSatisfiable: range_not_satisfiable,
     Unauthorized: unauthorized,
     ApiDisabled: api_disabled,
+    Forbidden: forbidden,
     InvalidSessionRequest: invalid_session_request,
     BrokerNotConfigured: broker_not_configured,
     elevenlabs.ElevenLabsError: elevenlabs_error,

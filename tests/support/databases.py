@@ -22,6 +22,8 @@ TABLES = (
     "reconcile_lease",
     "reconcile_not_found",
     "reconcile_audio_attempt",
+    "conversation_tombstone",
+    "erase_log",
 )
 
 
