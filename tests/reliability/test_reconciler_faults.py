@@ -488,6 +488,22 @@ def test_a_listing_that_never_ends_fails_the_run_after_its_page_bound_and_holds_
     assert_everything_stored(engine, platform)
 
 
+def test_a_listing_that_never_ends_fails_the_run_at_its_time_bound_when_the_page_bound_is_far(
+    settings: Settings, engine: Engine, platform: FakePlatform, fake_url: str
+) -> None:
+    before = first_clean_run(settings, engine, platform, fake_url)
+    platform.endless_cursors = True
+
+    # Only the time bound can end this run: the page bound is out of reach and the listing never ends.
+    report = reconcile_directly(settings, engine, fake_url, Options(max_pages=10**9, max_seconds=0.5))
+
+    assert not report.ok
+    assert report.errors == ["the workspace: listing conversations failed: still listing after 0.5 s, the run's bound"]
+    assert last_run_record(engine)["status"] == "failed"
+    assert rows(engine, "reconcile_lease") == []
+    assert checkpoints(engine) == before
+
+
 # --- the checkpoint never moves backwards; a detail gone for good is given up (issue 18, item 11) ------------------
 
 
@@ -634,9 +650,9 @@ def test_a_recording_refused_with_400_is_tried_in_5_runs_then_given_up_and_never
     assert [run["audio_failed"] for run in served] == [0, 0, 1, 0, 0, 0, 0]  # newest first
     assert served[2]["warnings"] == fifth["warnings"]
     records = stored(engine)
-    assert records[victim.conversation_id]["complete"] and not records[victim.conversation_id]["has_audio"]
+    assert records[victim.conversation_id]["complete"] and not records[victim.conversation_id]["audio_stored"]
     others = [c for c in platform.all() if c.status == "done" and c is not victim]
-    assert all(records[c.conversation_id]["has_audio"] for c in others)  # the rest of the audio is stored
+    assert all(records[c.conversation_id]["audio_stored"] for c in others)  # the rest of the audio is stored
     moved = checkpoint(engine, WORKSPACE)
     assert moved is not None and moved > NOW
 
@@ -658,7 +674,7 @@ def test_a_recording_that_fails_twice_then_answers_is_stored_by_a_later_run_and_
     assert fixed.exit_code == 0, fixed.stderr
     assert fixed.json["audio_fetched"] == 1 and fixed.json["updated"] == 1 and fixed.json["warnings"] == []
     record = stored(engine)[victim.conversation_id]
-    assert record["has_audio"]
+    assert record["audio_stored"]
     assert (settings.data_dir / str(record["audio_path"])).read_bytes() == victim.audio(platform.audio_bytes)
     assert audio_tries(engine, victim.conversation_id) is None
     platform.reset_calls()
@@ -690,5 +706,5 @@ def test_a_recording_it_cannot_write_fails_the_run_loudly_but_still_never_holds_
     fixed = bounded_reconcile(settings, fake_url, "--audio")
 
     assert fixed.exit_code == 0, fixed.stderr
-    assert stored(engine)["conv_unwritable_audio"]["has_audio"]
+    assert stored(engine)["conv_unwritable_audio"]["audio_stored"]
     assert audio_tries(engine, "conv_unwritable_audio") is None
