@@ -122,13 +122,15 @@ def purge(
         transaction(engine, partial(_remove_files, blobs=blobs, audio=batch.audio, report=report))
 
 
-def _remove_files(conn: Connection, blobs: BlobStore, audio: Sequence[tuple[str, int]], report: PurgeReport) -> None:
+def _remove_files(
+    conn: Connection, blobs: BlobStore, audio: Sequence[tuple[str, str, int]], report: PurgeReport
+) -> None:
     """Unlink each purged file no committed record claims any more. In a transaction of its own: on SQLite that
     holds the write lock, which every audio writer holds before the path's lock (storage/audio.py)."""
-    for relpath, size in audio:
+    for conversation_id, relpath, size in audio:
         report.audio_files += 1
         report.audio_bytes += size
-        removed = blobs.remove_unclaimed(relpath, lambda path: store.audio_is_claimed(conn, path))
+        removed = blobs.remove_unclaimed(relpath, partial(store.audio_claimed_by, conn, conversation_id))
         if removed is False:
             report.missing_files += 1
         elif removed is None:
@@ -159,7 +161,7 @@ def describe(report: PurgeReport, cutoff: Cutoff, older_than: str, audio_only: b
 @dataclass(frozen=True)
 class _Batch:
     ids: Sequence[str]
-    audio: Sequence[tuple[str, int]]  # (path relative to the data dir, bytes)
+    audio: Sequence[tuple[str, str, int]]  # (conversation_id, path relative to the data dir, bytes)
     webhook_events: int = 0
 
 
@@ -174,8 +176,8 @@ def _lock_batch(conn: Connection, condition: sa.ColumnElement[bool], limit: int)
     return list(conn.execute(query))
 
 
-def _audio_of(rows: Sequence[sa.Row[tuple[str, str, int]]]) -> list[tuple[str, int]]:
-    return [(row.audio_path, row.audio_bytes or 0) for row in rows if row.audio_path]
+def _audio_of(rows: Sequence[sa.Row[tuple[str, str, int]]]) -> list[tuple[str, str, int]]:
+    return [(row.conversation_id, row.audio_path, row.audio_bytes or 0) for row in rows if row.audio_path]
 
 
 def _delete_batch(conn: Connection, cutoff: Cutoff, limit: int, _now: datetime) -> _Batch:
