@@ -302,6 +302,7 @@ def test_the_reconciler_does_not_store_an_erased_conversation_again_while_eleven
     erased = ids[0]
     assert (admin_settings.data_dir / audio_relpath(erased)).exists()
     assert erase_cli(admin_settings, "--conversation", erased).exit_code == 0
+    platform.reset_calls()
 
     again = reconcile(admin_settings, fake_url, KEY, "--since", "7d", "--audio", "--json")
 
@@ -311,6 +312,8 @@ def test_the_reconciler_does_not_store_an_erased_conversation_again_while_eleven
     assert gone(engine, admin_settings.data_dir, erased)
     assert {row["conversation_id"] for row in rows(engine, "conversation")} == set(ids[1:])
     assert list((admin_settings.data_dir / "tmp").glob("*.part")) == []
+    asked = [call.path for call in platform.calls_to("detail") + platform.calls_to("audio")]
+    assert not any(erased in path for path in asked), asked  # nothing of it is fetched again
 
 
 def test_a_session_for_an_erased_conversation_returns_its_token_and_records_nothing(

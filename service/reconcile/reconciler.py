@@ -79,6 +79,9 @@ MAX_ERRORS_KEPT = 20
 # API paging for ever (a new cursor each time) ends within minutes, not never: against the fake platform, 10,001
 # list requests of 100 summaries each, merged into SQLite, took 405 s on a shared 2-core machine.
 MAX_PAGES_PER_WINDOW = 10_000
+# A run's wall-clock bound, so that a listing which pages slowly for ever ends too (and frees the lease): six hours
+# is about 50 times the 405 s that a million-conversation window took above.
+MAX_RUN_SECONDS = 6 * 3600
 # Audio that failed in earlier runs, tried again at the end of a run: a bound on one run's share of them (each is
 # tried at most AUDIO_TRIES times in all, so a longer backlog is worked off over the next runs).
 AUDIO_RETRIES_PER_RUN = 1000
@@ -97,10 +100,12 @@ class Options:
     overlap: int = DEFAULT_OVERLAP_SECONDS
     lookback: int = FIRST_RUN_LOOKBACK_SECONDS
     max_pages: int = MAX_PAGES_PER_WINDOW
+    max_seconds: float = MAX_RUN_SECONDS
 
 
 class EndlessListing(Exception):
-    """A listing still saying `has_more` after `Options.max_pages` pages: an API that pages for ever."""
+    """A listing still saying `has_more` after `Options.max_pages` pages, or past the run's `Options.max_seconds`:
+    an API that pages for ever."""
 
 
 # What "updated" means to a person: the status or the content changed, not just `reconciled_at` (which every
@@ -183,6 +188,7 @@ class Reconciler:
         self.holder = holder or default_holder()
         self.on_progress = on_progress
         self._renewed = 0.0
+        self._started = 0.0
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -194,6 +200,7 @@ class Reconciler:
         """Raises LeaseHeld before doing anything when another run holds the lease. Any other way a run ends is in
         its report and its record: an exception is a failed run that names it, never one that looks fine."""
         report = Report(Counts(), agents=[], dry_run=options.dry_run)
+        self._started = self.clock()
         windows: list[Window] = []
         if options.dry_run:
             await self._guarded(options, report, windows)
@@ -273,6 +280,8 @@ class Reconciler:
                 pages += 1
                 if pages > options.max_pages:
                     raise EndlessListing(f"more than {options.max_pages} pages: the API keeps saying there is more")
+                if self.clock() - self._started > options.max_seconds:
+                    raise EndlessListing(f"still listing after {options.max_seconds:g} s, the run's bound")
                 await self._page(page, options, report, outcome)
                 if self.on_progress is not None:
                     self.on_progress(report.counts)
@@ -304,9 +313,13 @@ class Reconciler:
             )
         )
         tally = _Tally(changes)
+        # Erased here (a tombstone): ElevenLabs may list it for years, but nothing of it is asked for or stored.
+        erased = {cid for cid, change in changes.items() if change is store.Change.ERASED}
         wanted: list[_Listed] = []
         for item in listed.values():
             complete = bool(flags.get(item.conversation_id, {}).get("complete"))
+            if item.conversation_id in erased:
+                continue
             if not is_final(item.status):
                 out.pending_starts.append(item.start)
             elif complete or item.conversation_id in gone:  # a detail given up is not asked for again
@@ -324,7 +337,7 @@ class Reconciler:
                 if not is_final(detail.get("status") if isinstance(detail.get("status"), str) else None):
                     out.pending_starts.append(listed[detail["conversation_id"]].start)
         if options.audio:
-            await self._fetch_audio(_audio_to_fetch(listed, flags, details, audio_gone), report, tally)
+            await self._fetch_audio(_audio_to_fetch(listed, flags, details, audio_gone | erased), report, tally)
         report.counts.new += tally.new
         report.counts.updated += tally.updated
 
@@ -533,10 +546,10 @@ def _listed(obs: Observation, summary: dict[str, Any]) -> _Listed:
 
 
 def _audio_to_fetch(
-    listed: dict[str, _Listed], stored: dict[str, dict[str, Any]], details: list[dict[str, Any]], given_up: set[str]
+    listed: dict[str, _Listed], stored: dict[str, dict[str, Any]], details: list[dict[str, Any]], left: set[str]
 ) -> list[str]:
     """The `done` conversations of a page whose audio is not stored, unless ElevenLabs said it has none (its summary,
-    or a detail fetched now: when neither says, ask; a 404 means none) or their audio was given up."""
+    or a detail fetched now: when neither says, ask; a 404 means none) or they are `left` (audio given up, erased)."""
     said = {cid: item.has_audio for cid, item in listed.items()}
     said |= {d["conversation_id"]: d["has_audio"] for d in details if isinstance(d.get("has_audio"), bool)}
     return [
@@ -545,7 +558,7 @@ def _audio_to_fetch(
         if item.status == "done"
         and not stored.get(cid, {}).get(AUDIO_STORED)
         and said[cid] is not False
-        and cid not in given_up
+        and cid not in left
     ]
 
 
