@@ -3,6 +3,7 @@ small, and connections that never finish theirs cannot take every file descripto
 
 from __future__ import annotations
 
+import errno
 import resource
 import select
 import socket
@@ -68,8 +69,11 @@ def send_huge_header(base_url: str) -> tuple[int, bytes]:
             sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 answer += chunk
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused while we were still sending: what we read so far is the answer
+        except OSError as exc:
+            # Refused while we were still sending (a broken pipe, a reset, or a socket the server already closed,
+            # which shutdown() finds not connected): what we read so far is the answer.
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise
     return sent, answer
 
 
