@@ -23,7 +23,7 @@ from service.record.merge import Source
 from service.storage.db import create_engine, transaction
 from service.storage.migrations import alembic_config, upgrade
 from service.testing import samples
-from tests.support.databases import PG_ADMIN_URL
+from tests.support.databases import postgres_database
 
 PREVIOUS = "0004"
 AT = "2026-01-01 00:00:00+00:00"
@@ -40,19 +40,13 @@ def old_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engin
         yield engine
         engine.dispose()
         return
-    name = f"postcall_mig_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    engine = create_engine(sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False))
-    try:
-        upgrade(engine, PREVIOUS)
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with postgres_database(migrated=False) as url:
+        engine = create_engine(url)
+        try:
+            upgrade(engine, PREVIOUS)
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def downgrade(engine: Engine, revision: str) -> None:
