@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 
-from service.record.store import get_record
 from service.storage.db import create_engine
 from tests.support.audio_body import BLOCK, AudioBody
 from tests.support.databases import migrated_sqlite
 from tests.support.process import peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process
+from tests.support.records import get_record
 from tests.support.webhooks import SECRET
 
 AUDIO = AudioBody("conv_80mb", blocks=107)  # just over 80 MiB of MP3, ~112 MB of body

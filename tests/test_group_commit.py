@@ -13,6 +13,7 @@ from service.record import store
 from service.record.merge import Audio, Observation, Source
 from service.storage.db import StoreUnavailable, create_engine, transaction
 from service.webhook.writer import BatchWriter
+from tests.support import records
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -36,7 +37,7 @@ def test_a_batch_keeps_order_duplicates_and_merges(engine: Engine) -> None:
     outcomes = transaction(engine, lambda conn: store.record_deliveries(conn, items))
     assert outcomes == ["accepted", "duplicate", "accepted", "ignored", "accepted"]
     with engine.connect() as conn:
-        c1 = store.get_record(conn, "c1")
+        c1 = records.get_record(conn, "c1")
         archived = conn.exec_driver_sql("SELECT count(*) FROM webhook_event").scalar_one()
     assert c1 is not None and c1["status"] == "done" and c1["user_id"] == "u1" and c1["call_duration_secs"] == 5.0
     assert archived == 4
@@ -114,7 +115,7 @@ def test_a_batch_stores_any_mix_of_values_as_given(engine: Engine) -> None:
     changes = transaction(engine, lambda conn: store.apply_many(conn, observations, NOW))
     assert changes == {"c1": store.Change.NEW, "c2": store.Change.NEW, "c3": store.Change.NEW}
     with engine.connect() as conn:
-        c1, c2, c3 = (store.get_record(conn, cid) for cid in ("c1", "c2", "c3"))
+        c1, c2, c3 = (records.get_record(conn, cid) for cid in ("c1", "c2", "c3"))
     assert c1 is not None and c1["call_duration_secs"] == 3.0 and c1["transcript"] == transcript
     assert c1["user_id"] == 'say "hi"'
     assert c2 is not None and c2["call_duration_secs"] == 2.5 and c2["transcript"] is None

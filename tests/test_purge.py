@@ -97,7 +97,7 @@ def audio_files(data_dir: Path) -> set[str]:
 
 def record(engine: Engine, conversation_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
-        found = store.get_record(conn, conversation_id)
+        found = records.get_record(conn, conversation_id)
     assert found is not None
     return found
 

@@ -12,10 +12,10 @@ from typer.testing import CliRunner, Result
 
 from service.cli import app
 from service.config import Settings
-from service.record.store import get_record
 from service.testing.samples import TEST_AGENT_ID, silent_mp3
 from service.web.app import create_app
 from tests.support.live import live_server
+from tests.support.records import get_record
 from tests.support.webhooks import SECRET
 
 

@@ -27,13 +27,13 @@ from starlette.testclient import TestClient
 from service import elevenlabs
 from service.broker import sessions
 from service.config import Settings
-from service.record.store import get_record
 from service.testing import FakePlatform, WebhookSender
 from service.web.app import create_app
 from tests.support import webhooks as wh
 from tests.support.databases import migrated_sqlite
 from tests.support.live import free_port, live_server
 from tests.support.reconcile import reconcile
+from tests.support.records import get_record
 from tests.test_session_token import livekit_claims, make_token
 
 API_KEY = "xi-secret-key-0123456789"

@@ -20,7 +20,6 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from service.config import Settings
-from service.record.store import get_record
 from service.storage.audio import BlobStore
 from service.web.app import create_app
 from service.web.state import AppState
@@ -32,6 +31,7 @@ from tests.support import webhooks as wh
 from tests.support.databases import migrated_sqlite
 from tests.support.live import live_server
 from tests.support.process import disk_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, serve_process
+from tests.support.records import get_record
 
 URL = "/webhooks/elevenlabs"
 MIB = 1 << 20

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from service.config import Settings
-from service.record.store import get_record
 from service.web.app import create_app
 from tests.support import webhooks as wh
 from tests.support.live import live_server
+from tests.support.records import get_record
 
 
 @pytest.fixture

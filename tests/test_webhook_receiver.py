@@ -12,10 +12,10 @@ from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
 from service.config import Settings
-from service.record.store import get_record
 from service.web.app import create_app
 from service.webhook.signature import sign
 from tests.support import webhooks as wh
+from tests.support.records import get_record
 
 URL = "/webhooks/elevenlabs"
 FIXTURES = Path(__file__).parent / "fixtures"

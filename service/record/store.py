@@ -76,13 +76,9 @@ def archive(conn: Connection, delivery: Delivery) -> bool:
     return insert_ignoring_conflict(conn, webhook_events, _archive_values(delivery), "body_sha256")
 
 
-def record_delivery(conn: Connection, delivery: Delivery, observation: Observation | None) -> Outcome:
-    """Archive a webhook delivery and, unless it is a replay or of an unknown type, merge what it says."""
-    return record_deliveries(conn, [(delivery, observation)])[0]
-
-
 def record_deliveries(conn: Connection, items: Sequence[tuple[Delivery, Observation | None]]) -> list[Outcome]:
-    """`record_delivery` for a batch in one transaction, in a constant number of statements.
+    """Archive webhook deliveries and, for each that is not a replay nor of an unknown type, merge what it says:
+    a batch in one transaction, in a constant number of statements.
 
     Order is kept: a body that appears twice in the batch is a duplicate the second time, and observations of
     one conversation merge in the order given.
@@ -260,13 +256,3 @@ def audio_claimed_by(conn: Connection, conversation_id: str, relpath: str) -> bo
         conversations.c.audio_stored.is_(True),
     )
     return conn.execute(claimed).first() is not None
-
-
-def get_record(conn: Connection, conversation_id: str) -> dict[str, Any] | None:
-    """The stored record as a dict of column values (for readers and tests)."""
-    row = (
-        conn.execute(sa.select(conversations).where(conversations.c.conversation_id == conversation_id))
-        .mappings()
-        .first()
-    )
-    return dict(row) if row is not None else None

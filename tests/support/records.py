@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import Engine
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 
 from service.record import payloads
 from service.record import store as record_store
@@ -83,3 +84,10 @@ def store(engine: Engine, observations: Iterable[Observation], now: datetime = A
             record_store.apply(conn, observation, now)
 
     transaction(engine, work)
+
+
+def get_record(conn: Connection, conversation_id: str) -> dict[str, Any] | None:
+    """The stored record as a dict of column values."""
+    query = sa.select(record_store.conversations).where(record_store.conversations.c.conversation_id == conversation_id)
+    row = conn.execute(query).mappings().first()
+    return dict(row) if row is not None else None
