@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy.engine import Engine
 
-from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS, iso
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, iso
 from service.config import Settings
 from service.export import parquet, query
 from service.export.command import Destination, ExportUsageError, export, parse_selection

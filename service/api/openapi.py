@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from service.api import query_params
 from service.api.auth import ADMIN_HINT, ENABLE_HINT, requires_admin, requires_bearer
+from service.forward import events, feed
 from service.record.fields import DETAIL_ONLY, FILTERS, LISTED, Kind, RecordField
 from service.storage.tables import RUN_COUNTS
 
@@ -106,6 +107,30 @@ SCHEMAS: dict[str, Any] = {
     ),
     "ReconcileRun": _object(RUN_PROPERTIES),
     "ReconcileRuns": _object({"runs": {"type": "array", "items": {"$ref": "#/components/schemas/ReconcileRun"}}}),
+    "Event": _object(
+        {
+            "id": {"type": "string", "description": "evt_…: the same on every redelivery"},
+            "type": {"type": "string", "enum": list(events.TYPES)},
+            "timestamp": {"type": "string", "format": "date-time", "description": "when the change committed"},
+            "data": _object(
+                {
+                    "conversation_id": {"type": "string"},
+                    "revision": {"type": "integer"},
+                    "changed": {"type": "array", "items": {"type": "string"}},
+                    "conversation": {
+                        "$ref": "#/components/schemas/ConversationDetail",
+                        "description": "the record at this revision; absent on conversation.deleted",
+                    },
+                }
+            ),
+        }
+    ),
+    "EventPage": _object(
+        {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+            "next_cursor": {"type": "string", "description": "pass as `after` for the events that follow"},
+        }
+    ),
 }
 
 
@@ -215,6 +240,19 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         ],
         "responses": {
             "200": _json({"$ref": "#/components/schemas/ReconcileRuns"}, "the runs"),
+            "422": _error("a query parameter is unusable; `parameter` names it"),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("GET", "/v1/events"): {
+        "summary": "Every change of every conversation, in commit order (a consumer never skips one)",
+        "parameters": [
+            _query("after", {"type": "string"}, "next_cursor of the previous answer; none: from the oldest kept"),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": feed.MAX_PAGE}, "at most this many (100)"),
+            _query("wait", {"type": "integer", "minimum": 0, "maximum": feed.MAX_WAIT_SECONDS}, "seconds to long-poll"),
+        ],
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/EventPage"}, "the events after the cursor"),
             "422": _error("a query parameter is unusable; `parameter` names it"),
             "503": UNAVAILABLE,
         },

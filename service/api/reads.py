@@ -15,9 +15,7 @@ across the cursor; that is inherent to any keyset and harmless for "find my conv
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,19 +23,11 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 
 from service.api.query_params import ConversationFilter, Cursor, JsonMatch
-from service.record import fields
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, plain, public_record
 from service.storage.tables import RUN_FIELDS, Conversation, ReconcileRun
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
-
-# The record's fields (record/fields.py): the list answer's, in order; the single record adds DETAIL_FIELDS.
-RECORD_FIELDS = tuple(entry.name for entry in fields.LISTED)
-DETAIL_FIELDS = tuple(entry.name for entry in fields.DETAIL_ONLY)
-# The JSON a field must hold to be served as it is; anything else reads as absent (null).
-_JSON_SHAPES: dict[str, type] = {
-    entry.name: dict if entry.kind is fields.Kind.OBJECT else list for entry in fields.FIELDS if entry.is_json
-}
 
 
 @dataclass(frozen=True)
@@ -140,26 +130,7 @@ def recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
         .order_by(reconcile_runs.c.started_at.desc(), reconcile_runs.c.id.desc())
         .limit(limit)
     )
-    return [{name: _plain(row[name]) for name in RUN_FIELDS} for row in conn.execute(query).mappings()]
-
-
-def public_record(row: Mapping[Any, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
-    """A row as the API shows it: timestamps ISO-8601 UTC, absent objects null, nothing else."""
-    record = {name: _plain(row[name]) for name in (*RECORD_FIELDS, *extra)}
-    for name, shape in _JSON_SHAPES.items():
-        if name in record and not isinstance(record[name], shape):
-            record[name] = None
-    return record
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return iso(value)
-    return value
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return [{name: plain(row[name]) for name in RUN_FIELDS} for row in conn.execute(query).mappings()]
 
 
 def count_conversations(conn: Connection) -> int:

@@ -17,10 +17,10 @@ from enum import StrEnum
 from pathlib import PurePath
 from typing import Any, BinaryIO, Protocol
 
-from service.api.reads import RECORD_FIELDS
 from service.api.routes import json_bytes
 from service.record import fields
 from service.record.fields import Kind
+from service.record.public import RECORD_FIELDS
 
 Record = dict[str, Any]
 

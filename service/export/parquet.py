@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS
 from service.export.formats import Record, json_text
 from service.record import fields
 from service.record.fields import Kind
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS
 
 ROW_GROUP_BYTES = 32 * 2**20
 ROW_GROUP_ROWS = 64 * 1024

@@ -25,7 +25,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS, conversations, public_record
+from service.api.reads import conversations
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, public_record
 from service.storage.db import transaction, unavailable_as_store_error
 
 BATCH_ROWS = 1000

@@ -24,6 +24,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from service.forward import outbox
+from service.forward.events import change_event
 from service.record import payloads
 from service.record.merge import Audio, Observation, Source, merge, revised
 from service.storage.audio import TempBlob
@@ -189,6 +191,15 @@ def _merge_locked(
                 .where(conversations.c.conversation_id == cid)
                 .values({**changed, "updated_at": now})
             )
+    # One event per new revision, in this same transaction (forward/outbox.py): a provenance time alone is none.
+    outbox.add(
+        conn,
+        [
+            change_event(None if changes[cid] is Change.NEW else stored[cid], record, now)
+            for cid, record in merged.items()
+            if changes[cid] is Change.NEW or record["revision"] != stored[cid]["revision"]
+        ],
+    )
     return changes
 
 

@@ -267,3 +267,46 @@ class EraseLog(SQLModel, table=True):
     tombstones: int  # ids newly tombstoned (with the CLI, named ids never stored too)
     audio_files: int
     webhook_events: int
+
+
+# 64-bit on PostgreSQL; SQLite's INTEGER is 64-bit already and only an INTEGER primary key numbers itself.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class ForwardEvent(SQLModel, table=True):
+    """One committed change of one conversation: the transactional outbox (forward/outbox.py adds it in the
+    transaction of the change) and the feed (forward/feed.py) that `GET /v1/events` and the sinks read.
+
+    `id` numbers rows as they are inserted, which is not the order they commit in; `position` is the commit order,
+    given after the commit by the sequencer (forward/feed.py explains why that is race-proof). `body` is the event
+    exactly as it is served and sent: built once, in the transaction that knows what changed."""
+
+    __tablename__ = "forward_event"
+    __table_args__ = (
+        # The sequencer's work list: the few rows not yet given a position.
+        sa.Index(
+            "ix_forward_event_unsequenced",
+            "id",
+            postgresql_where=sa.text("position IS NULL"),
+            sqlite_where=sa.text("position IS NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    event_id: str = Field(max_length=40, unique=True)
+    position: int | None = Field(default=None, sa_type=sa.BigInteger, unique=True)
+    type: str = Field(max_length=32)
+    conversation_id: str = Field(max_length=256, index=True)
+    agent_id: str | None = Field(default=None, max_length=256)
+    revision: int = Field(sa_type=sa.BigInteger)
+    committed_at: datetime = _time(nullable=False, index=True)
+    body: str = Field(sa_type=sa.Text)
+
+
+class ForwardSequence(SQLModel, table=True):
+    """The last position the sequencer gave (one row, name `events`); its row lock serialises sequencers."""
+
+    __tablename__ = "forward_sequence"
+
+    name: str = Field(primary_key=True, max_length=32)
+    last: int = Field(sa_type=sa.BigInteger)

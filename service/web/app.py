@@ -18,6 +18,7 @@ from service.api import routes as api_routes
 from service.broker import routes as broker_routes
 from service.broker import sessions
 from service.config import Settings
+from service.forward import routes as forward_routes
 from service.record import store
 from service.storage.audio import AudioStoreError, BlobStore
 from service.storage.db import StoreUnavailable, create_engine, transaction
@@ -80,6 +81,7 @@ def create_app(
         *webhook_routes.routes(lambda: _state(app).webhooks),
         *broker_routes.routes(),
         *api_routes.routes(),
+        *forward_routes.routes(),
         *health.routes(),
         *metrics.routes(),
         *openapi.routes(),
