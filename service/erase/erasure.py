@@ -18,9 +18,10 @@ Named ids (the CLI's `--conversation`) get a tombstone even when they are not st
 request before its webhook arrived is then never stored. The API's DELETE erases only a stored conversation (else
 404) and tombstones only what it erased.
 
-`on_erased(conn, ids, at)` runs once per batch inside its transaction with the ids of the records it deleted: the
-one place where forwarding adds its `conversation.deleted` events, so an erasure and its announcement commit
-together or not at all.
+Forwarding: a conversation's earlier events hold its data, so they go too (forward/outbox.py `erased`), and one
+`conversation.deleted` event takes their place, in the batch's transaction: the erasure and its announcement
+commit together or not at all. `on_erased(conn, ids, at)` then runs in that same transaction with the ids of the
+records deleted (a seam for tests that need to act inside it).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from functools import partial
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from service.forward import outbox
 from service.record import store
 from service.storage.audio import BlobStore
 from service.storage.db import insert_many_ignoring_conflict, run_transaction, transaction
@@ -138,7 +140,13 @@ def _erase_batch(
     conn: Connection, ids: Sequence[str], plan: Plan, actor: str, at: datetime, on_erased: OnErased | None
 ) -> _Batch:
     locked = (
-        sa.select(conversations.c.conversation_id, conversations.c.audio_path, conversations.c.audio_bytes)
+        sa.select(
+            conversations.c.conversation_id,
+            conversations.c.agent_id,
+            conversations.c.revision,
+            conversations.c.audio_path,
+            conversations.c.audio_bytes,
+        )
         .where(conversations.c.conversation_id.in_(ids))
         .order_by(conversations.c.conversation_id)
         .with_for_update()
@@ -153,6 +161,7 @@ def _erase_batch(
     events = conn.execute(sa.delete(webhook_events).where(webhook_events.c.conversation_id.in_(gone))).rowcount
     if found:
         conn.execute(sa.delete(conversations).where(conversations.c.conversation_id.in_(found)))
+        outbox.erased(conn, [(row.conversation_id, row.agent_id, row.revision) for row in rows], at)
     audio = [(row.conversation_id, row.audio_path, row.audio_bytes or 0) for row in rows if row.audio_path]
     entry = {
         "erased_at": at,

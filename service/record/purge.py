@@ -26,6 +26,8 @@ from functools import partial
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from service.forward import outbox
+from service.forward.events import change_event
 from service.record import store
 from service.storage.audio import BlobStore
 from service.storage.db import transaction
@@ -208,4 +210,16 @@ def _clear_audio_batch(conn: Connection, cutoff: Cutoff, limit: int, now: dateti
             updated_at=now,
         )
     )
+    _announce_cleared(conn, ids, now)
     return _Batch(ids, _audio_of(rows))
+
+
+def _announce_cleared(conn: Connection, ids: Sequence[str], now: datetime) -> None:
+    """A new revision is an event (forward/outbox.py), in this same transaction: the records as they are now,
+    each against itself as it was a moment ago, with its audio."""
+    events = []
+    for row in conn.execute(sa.select(conversations).where(conversations.c.conversation_id.in_(ids))).mappings():
+        after = dict(row)
+        before = {**after, "audio_stored": True, "revision": after["revision"] - 1}
+        events.append(change_event(before, after, now))
+    outbox.add(conn, events)

@@ -9,22 +9,15 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
 
+from service.storage import tables  # noqa: F401 (registers the tables)
 from service.storage.db import create_engine
 from service.storage.migrations import upgrade
 
 PG_ADMIN_URL = os.environ.get("POSTCALL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TABLES = (
-    "conversation",
-    "webhook_event",
-    "reconcile_checkpoint",
-    "reconcile_run",
-    "reconcile_lease",
-    "reconcile_not_found",
-    "reconcile_audio_attempt",
-    "conversation_tombstone",
-    "erase_log",
-)
+# Every table but the sequencer's one-row counter (forward/feed.py), which is reset rather than emptied.
+TABLES = tuple(sorted(name for name in SQLModel.metadata.tables if name != "forward_sequence"))
 
 
 @contextmanager
@@ -58,6 +51,7 @@ def postgres_database(migrated: bool = True) -> Iterator[str]:
 def empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+        conn.exec_driver_sql("UPDATE forward_sequence SET last = 0")
 
 
 def migrated_sqlite(path: str) -> str:
