@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy.engine import Engine
 
-from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, iso
 from service.config import Settings
 from service.export import parquet, query
 from service.export.command import Destination, ExportUsageError, export, parse_selection
@@ -31,6 +30,7 @@ from service.export.query import Selection
 from service.record import fields, payloads
 from service.record.fields import FIELDS, Kind
 from service.record.merge import Observation, Source
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, iso
 from service.testing.samples import SampleType, sample_event
 from service.web.app import create_app
 from tests.support import records
