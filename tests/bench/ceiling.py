@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.webhook.signature import SignatureError, verify
+from service.webhook.signature import BodyVerifier, SignatureError, check_timestamp, parse_header
 
 
 def build() -> Starlette:
@@ -23,7 +23,12 @@ def build() -> Starlette:
     async def receive(request: Request) -> JSONResponse:
         body = await request.body()
         try:
-            verify(request.headers.get("elevenlabs-signature"), body, secrets, time.time(), 1800)
+            # The receiver's steps (webhook/routes.py), with the whole body in one chunk.
+            header = parse_header(request.headers.get("elevenlabs-signature"))
+            check_timestamp(header, time.time(), 1800)
+            verifier = BodyVerifier(header, secrets)
+            verifier.update(body)
+            verifier.verify()
         except SignatureError:
             return JSONResponse({"error": "invalid signature"}, status_code=401)
         payload = json.loads(body)
