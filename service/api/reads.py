@@ -26,6 +26,9 @@ from sqlalchemy.engine import Connection
 
 from service.api.query_params import ConversationFilter, Cursor, JsonMatch
 from service.record import fields
+from service.search import index as search_index
+from service.search.document import SOURCE_FIELDS as SEARCHED_FIELDS
+from service.search.document import snippet
 from service.storage.tables import RUN_FIELDS, Conversation, ReconcileRun
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
@@ -51,8 +54,13 @@ class Page:
 
 
 def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
-    """One page of records matching `wanted`, after `wanted.after`, in the documented order."""
-    columns = [conversations.c[name] for name in RECORD_FIELDS]
+    """One page of records matching `wanted`, after `wanted.after`, in the documented order. With a search
+    (`q`), each record also carries its `snippet`, made from the searched fields read with it."""
+    search = wanted.search
+    if search is not None and not search.can_match:
+        return Page([], None)
+    searched = SEARCHED_FIELDS if search is not None else ()
+    columns = [conversations.c[name] for name in dict.fromkeys((*RECORD_FIELDS, *searched))]
     where = _conditions(conn.dialect.name, wanted)
     start, conversation_id = conversations.c.start_time_unix_secs, conversations.c.conversation_id
     after = wanted.after
@@ -74,6 +82,9 @@ def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
         query = sa.select(*columns).where(*undated).order_by(conversation_id.desc()).limit(want - len(rows))
         rows.extend(conn.execute(query).mappings())
     page = [public_record(row) for row in rows[: wanted.limit]]
+    if search is not None:
+        for record, row in zip(page, rows, strict=False):
+            record["snippet"] = snippet(row, search.terms)
     if len(rows) <= wanted.limit:
         return Page(page, None)
     last = page[-1]
@@ -91,6 +102,8 @@ def _conditions(dialect: str, wanted: ConversationFilter) -> list[sa.ColumnEleme
         where.append(c.start_time_unix_secs < wanted.started_before)
     where += [_json_match(dialect, c.dynamic_variables, match) for match in wanted.variables]
     where += [_json_match(dialect, c.labels, match) for match in wanted.labels]
+    if wanted.search is not None:
+        where.append(search_index.matching(dialect, wanted.search))
     return where
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 
 from service.record import payloads
 from service.record.merge import Audio, Observation, Source, merge, revised
+from service.search import index as search_index
 from service.storage.audio import TempBlob
 from service.storage.db import insert_ignoring_conflict, insert_many_ignoring_conflict
 from service.storage.tables import Conversation, ConversationTombstone, WebhookEvent
@@ -189,6 +190,7 @@ def _merge_locked(
                 .where(conversations.c.conversation_id == cid)
                 .values({**changed, "updated_at": now})
             )
+    search_index.refresh(conn, stored, merged)  # in the same transaction: the search never sees another version
     return changes
 
 

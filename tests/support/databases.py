@@ -24,6 +24,7 @@ TABLES = (
     "reconcile_audio_attempt",
     "conversation_tombstone",
     "erase_log",
+    "conversation_search",
 )
 
 
