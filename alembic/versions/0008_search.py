@@ -28,6 +28,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
+        op.execute("SET LOCAL statement_timeout = 0")  # the backfill and the GIN index take a while on a big table
         op.execute(
             "CREATE TABLE conversation_search ( conversation_id VARCHAR(256) PRIMARY KEY, document tsvector NOT NULL)"
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 import regex
 
-from service.search.words import folded_words, spans
+from service.search.words import distinct_words, fold, spans
 
 # The record's fields a document is made of: a write that changes none of them leaves the search entry as it is.
 SOURCE_FIELDS = ("call_summary_title", "transcript_summary", "transcript")
@@ -28,29 +28,23 @@ _SPACE = regex.compile(r"\s+")
 
 
 def passages(record: Mapping[Any, Any]) -> list[str]:
-    """The record's searchable texts: title, summary, then each transcript message, white space made single."""
-    return _plain([record.get("call_summary_title"), record.get("transcript_summary")]) + _messages(record)
+    """The record's searchable texts: title, summary, then each transcript message."""
+    heading, messages = _heading_and_messages(record)
+    return heading + messages
 
 
-def _messages(record: Mapping[Any, Any]) -> list[str]:
+def _heading_and_messages(record: Mapping[Any, Any]) -> tuple[list[str], list[str]]:
+    heading = [record.get("call_summary_title"), record.get("transcript_summary")]
     transcript = record.get("transcript")
-    if not isinstance(transcript, list):
-        return []
-    return _plain([turn.get("message") for turn in transcript if isinstance(turn, dict)])
-
-
-def _plain(texts: Sequence[Any]) -> list[str]:
-    return [_SPACE.sub(" ", text).strip() for text in texts if isinstance(text, str) and text.strip()]
+    turns = transcript if isinstance(transcript, list) else []
+    messages = [turn.get("message") for turn in turns if isinstance(turn, dict)]
+    return [text for text in heading if isinstance(text, str)], [text for text in messages if isinstance(text, str)]
 
 
 def document(record: Mapping[Any, Any]) -> list[str]:
     """The distinct folded words a conversation is found by; empty when it has no searchable text."""
-    seen: dict[str, None] = {}
-    for text in passages(record):
-        seen.update(dict.fromkeys(folded_words(text)))
-        if len(seen) >= MAX_DOCUMENT_WORDS:
-            return list(seen)[:MAX_DOCUMENT_WORDS]
-    return list(seen)
+    # One string, so the words are cut in one pass; a line break ends a word like any other separator.
+    return distinct_words("\n".join(passages(record)))[:MAX_DOCUMENT_WORDS]
 
 
 def same_text(before: Mapping[Any, Any] | None, after: Mapping[Any, Any]) -> bool:
@@ -76,8 +70,9 @@ def snippet(record: Mapping[Any, Any], terms: Collection[str], width: int = SNIP
     read), an earlier message before a later one. A passage's own « and » are left as they are. None when no
     passage holds a query word, which a record the search found always does.
     """
+    heading, messages = _heading_and_messages(record)
     best: _Candidate | None = None
-    for text in _messages(record) + _plain([record.get("transcript_summary"), record.get("call_summary_title")]):
+    for text in [_SPACE.sub(" ", text).strip() for text in [*messages, *heading[::-1]]]:
         candidate = _Candidate(text, _matches(text, terms))
         if candidate.matches and (best is None or candidate.score > best.score):
             best = candidate
@@ -85,6 +80,9 @@ def snippet(record: Mapping[Any, Any], terms: Collection[str], width: int = SNIP
 
 
 def _matches(text: str, terms: Collection[str]) -> list[tuple[int, int, str]]:
+    folded_text = fold(text)
+    if not any(term in folded_text for term in terms):
+        return []  # most passages hold no query word even as a substring: spared the word-by-word pass below
     found = []
     for start, end, folded in spans(text):
         hit = next((word for word in folded if word in terms), None)

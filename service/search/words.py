@@ -23,6 +23,7 @@ out of documents, and a query holding one matches nothing.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterator
 
@@ -31,6 +32,7 @@ import regex
 MAX_WORD_LENGTH = 100
 
 WORD = regex.compile(r"[\p{L}\p{N}\p{M}]+")
+_ASCII_WORD = re.compile(r"[a-z0-9]+")  # WORD on folded ASCII text, where folding has left no upper case
 _ACCENTS = regex.compile(r"([\p{Latin}\p{Greek}\p{Cyrillic}])\p{Mn}+")
 _STROKED = str.maketrans(
     {"ø": "o", "æ": "ae", "œ": "oe", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i", "ħ": "h", "ŧ": "t"}
@@ -45,9 +47,17 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFC", decomposed.casefold().translate(_STROKED))
 
 
-def folded_words(text: str) -> list[str]:
-    """The folded words of `text`, in order, repeats included; words over MAX_WORD_LENGTH left out."""
-    return [word for word in WORD.findall(fold(text)) if len(word) <= MAX_WORD_LENGTH]
+def distinct_words(text: str) -> list[str]:
+    """The distinct folded words of `text`, in order of first appearance; words over MAX_WORD_LENGTH left out."""
+    # One fold and one pass over the whole text, repeats dropped before anything is done per word: the write path
+    # runs this for every new transcript.
+    folded = fold(text)
+    # ASCII text (most of it, in English) through the stdlib's engine, several times faster than regex's here.
+    found = _ASCII_WORD.findall(folded) if folded.isascii() else WORD.findall(folded)
+    distinct = list(dict.fromkeys(found))
+    if distinct and max(map(len, distinct)) > MAX_WORD_LENGTH:
+        return [word for word in distinct if len(word) <= MAX_WORD_LENGTH]
+    return distinct
 
 
 def spans(text: str) -> Iterator[tuple[int, int, list[str]]]:
