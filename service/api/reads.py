@@ -11,6 +11,10 @@ it" in the order above. New conversations arriving between pages therefore never
 before the cursor are simply not seen by that walk, and nothing is returned twice or skipped. (A record whose
 start time changes while a client pages — an undated session record that later learns its start — may move
 across the cursor; that is inherent to any keyset and harmless for "find my conversation" lookups.)
+
+A search (`q`) is one more condition, "the conversation's id is among those whose search entry holds every word"
+(search/index.py), so it keeps this order and these pages; the database chooses between walking the start index
+and reading the search index by how common the words are.
 """
 
 from __future__ import annotations
