@@ -21,6 +21,7 @@ from service.api import query_params
 from service.api.auth import ADMIN_HINT, ENABLE_HINT, requires_admin, requires_bearer
 from service.forward import events, feed
 from service.record.fields import DETAIL_ONLY, FILTERS, LISTED, Kind, RecordField
+from service.search.query import MAX_QUERY_LENGTH, MAX_QUERY_WORDS
 from service.storage.tables import RUN_COUNTS
 
 UNDOCUMENTED = "undocumented"
@@ -97,10 +98,30 @@ SCHEMAS: dict[str, Any] = {
         "required": ["error"],
     },
     "Conversation": _object(RECORD_PROPERTIES),
+    # A page answering `q` carries each record's snippet beside its fields.
+    "ConversationMatch": _object(
+        {
+            **RECORD_PROPERTIES,
+            "snippet": _nullable(
+                "string",
+                description="the best matching passage (transcript message, summary or title), about 200 characters "
+                "around its matches, each match between « and »; null only if no passage holds a query word",
+            ),
+        }
+    ),
     "ConversationDetail": _object(DETAIL_PROPERTIES),
     "ConversationPage": _object(
         {
-            "conversations": {"type": "array", "items": {"$ref": "#/components/schemas/Conversation"}},
+            "conversations": {
+                "type": "array",
+                "items": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/Conversation"},
+                        {"$ref": "#/components/schemas/ConversationMatch"},
+                    ]
+                },
+                "description": "Conversation items, or ConversationMatch items (with `snippet`) when `q` is given",
+            },
             "next_cursor": _nullable("string"),
             "has_more": {"type": "boolean"},
         }
@@ -164,6 +185,13 @@ LIST_PARAMETERS = [
     _query("started_after", TIME_PARAMETER, "start time at or after this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("started_before", TIME_PARAMETER, "start time before this (unix seconds or ISO-8601; no zone = UTC)"),
     _query("source", {"type": "string", "enum": list(query_params.SOURCES)}, "how postcall first learnt of it"),
+    _query(
+        "q",
+        {**TEXT_PARAMETER, "maxLength": MAX_QUERY_LENGTH},
+        "full-text search of the transcript's messages, the summary and the title: words separated by anything "
+        "that is not a letter or digit, every one of which must match a whole word, case and accents ignored "
+        f"(at most {MAX_QUERY_WORDS} different words; nothing in it is an operator). Each result carries `snippet`",
+    ),
     _query("limit", {"type": "integer", "minimum": 1, "maximum": query_params.MAX_LIMIT}, "page size (default 50)"),
     _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
 ]

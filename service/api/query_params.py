@@ -23,6 +23,7 @@ from typing import Any
 
 from service.record.fields import FILTERS, Kind
 from service.record.payloads import valid_conversation_id
+from service.search import query as search_query
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -41,7 +42,7 @@ _NUMBER = re.compile(r"-?(0|[1-9]\d{0,15})(\.\d{1,15})?")
 
 # The record's fields a list is filtered on by equality (record/fields.py `filter`): text, or true/false.
 EXACT_PARAMETERS = {entry.name: entry.kind for entry in FILTERS}
-DOCUMENTED_PARAMETERS = (*EXACT_PARAMETERS, "started_after", "started_before", "source", "limit", "cursor")
+DOCUMENTED_PARAMETERS = (*EXACT_PARAMETERS, "started_after", "started_before", "source", "q", "limit", "cursor")
 
 
 class QueryError(Exception):
@@ -92,6 +93,7 @@ class ConversationFilter:
     first_seen_via: str | None = None
     variables: tuple[JsonMatch, ...] = ()
     labels: tuple[JsonMatch, ...] = ()
+    search: search_query.Search | None = None  # `q`: every word must match (search/query.py)
     limit: int = DEFAULT_LIMIT
     after: Cursor | None = None
 
@@ -119,6 +121,8 @@ def parse_filter(params: Iterable[tuple[str, str]]) -> ConversationFilter:
             if raw not in SOURCES:
                 raise QueryError(name, f"must be one of {', '.join(SOURCES)}")
             values["first_seen_via"] = raw
+        elif name == "q":
+            values["search"] = _search(name, raw)
         elif name == "limit":
             values[name] = _whole_number(name, raw, MAX_LIMIT)
         elif name == "cursor":
@@ -147,6 +151,16 @@ def _text(name: str, raw: str) -> str:
     if "\x00" in raw:  # the one character PostgreSQL text cannot hold
         raise QueryError(name, "contains a NUL character")
     return raw
+
+
+def _search(name: str, raw: str) -> search_query.Search:
+    """`q`: refused when empty, or past the limits search/query.py states; any other text is words to match."""
+    try:
+        search = search_query.parse(raw)  # first: its length limit is q's, not MAX_VALUE_LENGTH
+    except search_query.SearchRefused as exc:
+        raise QueryError(name, str(exc)) from None
+    _text(name, raw)
+    return search
 
 
 def _json_match(name: str, prefix: str, raw: str) -> JsonMatch:

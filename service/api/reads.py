@@ -11,6 +11,10 @@ it" in the order above. New conversations arriving between pages therefore never
 before the cursor are simply not seen by that walk, and nothing is returned twice or skipped. (A record whose
 start time changes while a client pages — an undated session record that later learns its start — may move
 across the cursor; that is inherent to any keyset and harmless for "find my conversation" lookups.)
+
+A search (`q`) is one more condition, "the conversation's id is among those whose search entry holds every word"
+(search/index.py), so it keeps this order and these pages; the database chooses between walking the start index
+and reading the search index by how common the words are.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from sqlalchemy.engine import Connection
 
 from service.api.query_params import ConversationFilter, Cursor, JsonMatch
 from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, plain, public_record
+from service.search import index as search_index
+from service.search.document import SOURCE_FIELDS as SEARCHED_FIELDS
+from service.search.document import snippet
 from service.storage.tables import RUN_FIELDS, Conversation, ReconcileRun
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
@@ -41,8 +48,13 @@ class Page:
 
 
 def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
-    """One page of records matching `wanted`, after `wanted.after`, in the documented order."""
-    columns = [conversations.c[name] for name in RECORD_FIELDS]
+    """One page of records matching `wanted`, after `wanted.after`, in the documented order. With a search
+    (`q`), each record also carries its `snippet`, made from the searched fields read with it."""
+    search = wanted.search
+    if search is not None and not search.can_match:
+        return Page([], None)
+    searched = SEARCHED_FIELDS if search is not None else ()
+    columns = [conversations.c[name] for name in dict.fromkeys((*RECORD_FIELDS, *searched))]
     where = _conditions(conn.dialect.name, wanted)
     start, conversation_id = conversations.c.start_time_unix_secs, conversations.c.conversation_id
     after = wanted.after
@@ -64,6 +76,9 @@ def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
         query = sa.select(*columns).where(*undated).order_by(conversation_id.desc()).limit(want - len(rows))
         rows.extend(conn.execute(query).mappings())
     page = [public_record(row) for row in rows[: wanted.limit]]
+    if search is not None:
+        for record, row in zip(page, rows, strict=False):
+            record["snippet"] = snippet(row, search.terms)
     if len(rows) <= wanted.limit:
         return Page(page, None)
     last = page[-1]
@@ -81,6 +96,8 @@ def _conditions(dialect: str, wanted: ConversationFilter) -> list[sa.ColumnEleme
         where.append(c.start_time_unix_secs < wanted.started_before)
     where += [_json_match(dialect, c.dynamic_variables, match) for match in wanted.variables]
     where += [_json_match(dialect, c.labels, match) for match in wanted.labels]
+    if wanted.search is not None:
+        where.append(search_index.matching(dialect, wanted.search))
     return where
 
 

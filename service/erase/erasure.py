@@ -1,9 +1,10 @@
 """Erasure: conversations removed for good, in batches; what stays is a tombstone and an audit row.
 
-What goes, in one transaction per batch of BATCH_SIZE conversations: the record and its archived webhook bodies
-(`webhook_event` rows of its id); then, once that transaction has committed, its audio file, as purge does: under
-the path's lock, and only if no committed record claims it (storage/audio.py `remove_unclaimed`). A crash between
-the two leaves an orphaned file, never a record pointing at a missing one; erasing the same ids again removes it.
+What goes, in one transaction per batch of BATCH_SIZE conversations: the record, its search entry and its archived
+webhook bodies (`webhook_event` rows of its id); then, once that transaction has committed, its audio file, as purge
+does: under the path's lock, and only if no committed record claims it (storage/audio.py `remove_unclaimed`). A
+crash between the two leaves an orphaned file, never a record pointing at a missing one; erasing the same ids again
+removes it.
 
 What stays: a tombstone per conversation (its id and when, nothing else), which the one write path honours
 (record/store.py): the reconciler while ElevenLabs still lists it, a late or retried webhook (answered 200
@@ -39,6 +40,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from service.forward import outbox
 from service.record import store
+from service.search import index as search_index
 from service.storage.audio import BlobStore
 from service.storage.db import insert_many_ignoring_conflict, run_transaction, transaction
 from service.storage.tables import EraseLog
@@ -160,6 +162,7 @@ def _erase_batch(
     tombstoned = insert_many_ignoring_conflict(conn, store.tombstones, values, "conversation_id")
     events = conn.execute(sa.delete(webhook_events).where(webhook_events.c.conversation_id.in_(gone))).rowcount
     if found:
+        search_index.forget(conn, found)
         conn.execute(sa.delete(conversations).where(conversations.c.conversation_id.in_(found)))
         outbox.erased(conn, [(row.conversation_id, row.agent_id, row.revision) for row in rows], at)
     audio = [(row.conversation_id, row.audio_path, row.audio_bytes or 0) for row in rows if row.audio_path]

@@ -6,9 +6,9 @@ instead, so such records do not stay forever.
 
 Work is done in batches of `BATCH_SIZE` conversations, one short transaction each, so a purge of millions of rows
 never holds a long lock against the webhook receiver. Each batch locks its rows (`FOR UPDATE` on PostgreSQL; SQLite's
-`BEGIN IMMEDIATE` takes the write lock), deletes them and their archived webhook events (or, with `audio_only`,
-clears their audio columns), commits, and only then unlinks the audio files: a crash in between leaves an orphaned
-file, never a record pointing at a missing one. A file already gone is fine.
+`BEGIN IMMEDIATE` takes the write lock), deletes them, their search entries and their archived webhook events (or,
+with `audio_only`, clears their audio columns), commits, and only then unlinks the audio files: a crash in between
+leaves an orphaned file, never a record pointing at a missing one. A file already gone is fine.
 
 Audio accepted meanwhile. Between a batch's commit and the unlink, an audio webhook (or a reconcile) may store a
 new file for one of those conversations, at the same path, under a new record. So each file is removed only if no
@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from service.forward import outbox
 from service.forward.events import change_event
 from service.record import store
+from service.search import index as search_index
 from service.storage.audio import BlobStore
 from service.storage.db import transaction
 from service.storage.tables import Conversation, WebhookEvent
@@ -188,6 +189,7 @@ def _delete_batch(conn: Connection, cutoff: Cutoff, limit: int, _now: datetime) 
     if not ids:
         return _Batch((), ())
     events = conn.execute(sa.delete(webhook_events).where(webhook_events.c.conversation_id.in_(ids))).rowcount
+    search_index.forget(conn, ids)
     conn.execute(sa.delete(conversations).where(conversations.c.conversation_id.in_(ids)))
     return _Batch(ids, _audio_of(rows), events)
 

@@ -28,6 +28,7 @@ from service.forward import outbox
 from service.forward.events import change_event
 from service.record import payloads
 from service.record.merge import Audio, Observation, Source, merge, revised
+from service.search import index as search_index
 from service.storage.audio import TempBlob
 from service.storage.db import insert_ignoring_conflict, insert_many_ignoring_conflict
 from service.storage.tables import Conversation, ConversationTombstone, WebhookEvent
@@ -191,6 +192,7 @@ def _merge_locked(
                 .where(conversations.c.conversation_id == cid)
                 .values({**changed, "updated_at": now})
             )
+    search_index.refresh(conn, stored, merged)  # in the same transaction: the search never sees another version
     # One event per new revision, in this same transaction (forward/outbox.py): a provenance time alone is none.
     outbox.add(
         conn,

@@ -16,8 +16,9 @@ from service.storage.db import create_engine
 from service.storage.migrations import upgrade
 
 PG_ADMIN_URL = os.environ.get("POSTCALL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-# Every table but the sequencer's one-row counter (forward/feed.py), which is reset rather than emptied.
-TABLES = tuple(sorted(name for name in SQLModel.metadata.tables if name != "forward_sequence"))
+# Every table but the sequencer's one-row counter (forward/feed.py), which is reset rather than emptied; and the
+# search entries, which no model declares (service/search/index.py).
+TABLES = (*sorted(name for name in SQLModel.metadata.tables if name != "forward_sequence"), "conversation_search")
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""Full-text search of conversations: `q=` on GET /v1/conversations (words, document, query, index)."""
