@@ -125,7 +125,15 @@ def test_window_undated_records_and_a_session_that_a_webhook_completed(
 
 @pytest.mark.parametrize(
     "query",
-    [{"days": "0"}, {"days": "367"}, {"days": "-1"}, {"days": "ten"}, {"days": "1e3"}, {"agent": "x"}, {"days": "١"}],
+    [
+        {"days": "0"},
+        {"days": "367"},
+        {"days": "-1"},
+        {"days": "ten"},
+        {"days": "1e3"},
+        {"agent": "x"},
+        {"days": "\u0661"},
+    ],
 )
 def test_unusable_parameters_are_422_naming_them(client: TestClient, query: dict[str, Any]) -> None:
     answer = client.get("/v1/stats", params=query, headers=AUTH)
