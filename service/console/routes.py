@@ -98,6 +98,10 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https" or public_url.startswith("https://")
 
 
+async def home(request: Request) -> Response:
+    return RedirectResponse(CONVERSATIONS if _session(request) else SIGN_IN, status_code=303)
+
+
 def signed_in(page: Page) -> Callable[[Request], Awaitable[Response]]:
     @functools.wraps(page)
     async def endpoint(request: Request) -> Response:
@@ -121,9 +125,6 @@ async def _form(request: Request) -> dict[str, str]:
 def routes(forward_backlog: ForwardBacklog | None = None) -> list[BaseRoute]:
     """The console's routes, to mount at /console (`mount`)."""
     console = Console(forward_backlog)
-
-    async def home(request: Request) -> Response:
-        return RedirectResponse(CONVERSATIONS if _session(request) else SIGN_IN, status_code=303)
 
     async def sign_in_form(request: Request) -> Response:
         if _session(request) is not None:
@@ -255,9 +256,14 @@ def routes(forward_backlog: ForwardBacklog | None = None) -> list[BaseRoute]:
     ]
 
 
-def mount(forward_backlog: ForwardBacklog | None = None) -> Mount:
-    """The console at /console, every answer with its security headers (headers.py)."""
-    return Mount(PATH, routes=routes(forward_backlog), middleware=[Middleware(SecurityHeaders)])
+def mounted(forward_backlog: ForwardBacklog | None = None) -> list[BaseRoute]:
+    """The console for the app: everything under /console with its security headers (headers.py), and /console
+    itself, which only redirects."""
+    pages = routes(forward_backlog)
+    return [
+        Route(PATH, home, methods=["GET"]),
+        Mount(PATH, routes=pages, middleware=[Middleware(SecurityHeaders)]),
+    ]
 
 
 # Shown in sections of their own on a conversation's page, not in the field table.

@@ -84,7 +84,7 @@ def create_app(
         *health.routes(),
         *metrics.routes(),
         *openapi.routes(),
-        console_routes.mount(forward_backlog=None),  # forwarding's backlog: its hook, once forwarding exists
+        *console_routes.mounted(forward_backlog=None),  # forwarding's backlog: its hook, once forwarding exists
     ]
     # Per app, never prometheus' global registry: tests build many apps in one process.
     app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
