@@ -20,6 +20,8 @@ from tests.support import console, records
 from tests.support.live import live_server
 
 pytestmark = pytest.mark.browser
+# Two shared cores under a full suite: give the page time, never a wrong answer.
+expect.set_options(timeout=15_000)
 TOKEN = "test-token"
 NOW = int(time.time())
 
