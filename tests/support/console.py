@@ -18,7 +18,7 @@ from tests.support import records
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 TURN_TIMES = (0, 4.5, 12, 21.25)  # time_in_call_secs of the rich conversation's turns
-HOSTILE = "<script>window.__pwned = 1; alert(1)</script><img src=x onerror=\"window.__pwned = 2\">"
+HOSTILE = '<script>window.__pwned = 1; alert(1)</script><img src=x onerror="window.__pwned = 2">'
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -91,9 +91,7 @@ def observe(detail: dict[str, Any]) -> Observation:
 
 
 def store_rich(engine: Engine, data_dir: Path, conversation_id: str, start: int, mp3: bytes) -> None:
-    records.store(
-        engine, [observe(rich_detail(conversation_id, start)), records.audio(conversation_id, data_dir, mp3)]
-    )
+    records.store(engine, [observe(rich_detail(conversation_id, start)), records.audio(conversation_id, data_dir, mp3)])
 
 
 def csrf_of(html: str) -> str:
