@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from service.api import reads, stats
 from service.api import routes as api_routes
-from service.api.query_params import SOURCES, QueryError, encode_cursor, parse_filter
+from service.api.query_params import SOURCES, ConversationFilter, QueryError, encode_cursor, parse_filter
 from service.console import csrf, render
 from service.console.headers import SecurityHeaders
 from service.console.session import COOKIE, LIFETIME_SECONDS, PATH, Session, Tokens, sign_in, verify
@@ -261,7 +261,7 @@ def mounted(forward_backlog: ForwardBacklog | None = None) -> list[BaseRoute]:
     itself, which only redirects."""
     pages = routes(forward_backlog)
     return [
-        Route(PATH, home, methods=["GET"]),
+        Route(PATH, home, methods=["GET"], include_in_schema=False),  # pages, not API: not in /openapi.json
         Mount(PATH, routes=pages, middleware=[Middleware(SecurityHeaders)]),
     ]
 
@@ -270,7 +270,7 @@ def mounted(forward_backlog: ForwardBacklog | None = None) -> list[BaseRoute]:
 _SHOWN_APART = frozenset({"dynamic_variables", "labels", "call_summary_title", "transcript_summary"})
 
 
-def _parse_filter(given: list[tuple[str, str]]) -> tuple[Any, bool]:
+def _parse_filter(given: list[tuple[str, str]]) -> tuple[ConversationFilter, bool]:
     """The API's filter from the form's values, and whether full-text search (`q`) is available.
 
     Search is built beside the console: until the read API knows `q`, it refuses it as an unknown parameter, and
