@@ -13,6 +13,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from service.config import Settings
@@ -73,6 +74,20 @@ def test_every_page_without_a_session_redirects_to_sign_in(client: TestClient, p
     answer = client.get(path)
     assert answer.status_code == 303
     assert answer.headers["location"] == "/console/sign-in"
+
+
+def test_every_console_route_but_sign_in_and_static_files_needs_a_session(client: TestClient) -> None:
+    (mount,) = [route for route in client.app.routes if isinstance(route, Mount)]  # type: ignore[attr-defined]
+    probed = 0
+    for route in mount.routes:
+        if not isinstance(route, Route) or route.path == "/sign-in":
+            continue
+        path = "/console" + route.path.replace("{conversation_id}", "conv_rich")
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            answer = client.request(method, path)
+            assert (answer.status_code, answer.headers.get("location")) == (303, "/console/sign-in"), path
+            probed += 1
+    assert probed >= 6
 
 
 def test_the_session_cookie_is_httponly_samesite_scoped_to_the_console_and_holds_no_token(client: TestClient) -> None:
