@@ -61,7 +61,7 @@ def document(app: Starlette) -> dict[str, Any]:
 def app_routes(app: Starlette) -> list[tuple[str, str, Route]]:
     found = []
     for route in app.routes:
-        if isinstance(route, Route):
+        if isinstance(route, Route) and route.include_in_schema:  # as openapi.document() reads them
             found += [
                 (method.lower(), openapi_path(route), route) for method in route.methods or () if method != "HEAD"
             ]

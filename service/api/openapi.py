@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from service.api import query_params
+from service.api import query_params, stats
 from service.api.auth import ADMIN_HINT, ENABLE_HINT, requires_admin, requires_bearer
 from service.forward import events, feed
 from service.record.fields import DETAIL_ONLY, FILTERS, LISTED, Kind, RecordField
@@ -377,6 +377,36 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/openapi.json"): {
         "summary": "This document",
         "responses": {"200": _json({"type": "object"}, "the OpenAPI 3.1 document")},
+    },
+}
+
+# GET /v1/stats (api/stats.py says what each count means).
+_STAT_COUNTS = {name: {"type": "integer", "minimum": 0} for name in stats.COUNTS}
+SCHEMAS["StatsDay"] = _object(
+    {"agent_id": _nullable("string"), "day": {"type": "string", "format": "date"}, **_STAT_COUNTS}
+)
+SCHEMAS["Stats"] = _object(
+    {"days": {"type": "array", "items": {"$ref": "#/components/schemas/StatsDay"}}, "totals": _object(_STAT_COUNTS)}
+)
+OPERATIONS[("GET", "/v1/stats")] = {
+    "summary": "Conversations per agent and UTC day of their start: by webhook, found only by the reconciler, "
+    "failed initiations, with audio",
+    "description": (
+        "`by_webhook`: a webhook brought it; `reconcile_only`: no webhook ever did and the reconciler found it "
+        "(what the webhooks missed); `failed_initiations`: status `failed`; `with_audio`: postcall holds its audio. "
+        "Conversations without a start time are not counted. Newest day first."
+    ),
+    "parameters": [
+        _query(
+            "days",
+            {"type": "integer", "minimum": 1, "maximum": stats.MAX_DAYS},
+            f"the last N UTC days, today included (default {stats.DEFAULT_DAYS})",
+        )
+    ],
+    "responses": {
+        "200": _json({"$ref": "#/components/schemas/Stats"}, "the counts"),
+        "422": _error("a query parameter is unusable; `parameter` names it"),
+        "503": UNAVAILABLE,
     },
 }
 

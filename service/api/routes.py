@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from service.api import reads
+from service.api import reads, stats
 from service.api.auth import Caller, admin_protected, bearer_protected
 from service.api.query_params import encode_cursor, parse_filter, parse_runs_limit
 from service.erase import erasure
@@ -196,6 +196,13 @@ async def list_runs(request: Request) -> Response:
     return JSONBody({"runs": runs})
 
 
+async def get_stats(request: Request) -> Response:
+    days = stats.parse_days(request.query_params.multi_items())
+    now = app_state(request).clock()
+    counted = await read(request, lambda conn: stats.daily_stats(conn, days, now))
+    return JSONBody(counted.as_json())
+
+
 def routes() -> list[Route]:
     return [
         Route("/v1/conversations", bearer_protected(list_conversations), methods=["GET"]),
@@ -203,4 +210,5 @@ def routes() -> list[Route]:
         Route("/v1/conversations/{conversation_id}", admin_protected(delete_conversation), methods=["DELETE"]),
         Route("/v1/conversations/{conversation_id}/audio", bearer_protected(get_audio), methods=["GET"]),
         Route("/v1/reconcile/runs", bearer_protected(list_runs), methods=["GET"]),
+        Route("/v1/stats", bearer_protected(get_stats), methods=["GET"]),
     ]

@@ -18,6 +18,7 @@ from service.api import routes as api_routes
 from service.broker import routes as broker_routes
 from service.broker import sessions
 from service.config import Settings
+from service.console import routes as console_routes
 from service.forward import routes as forward_routes
 from service.record import store
 from service.storage.audio import AudioStoreError, BlobStore
@@ -85,6 +86,7 @@ def create_app(
         *health.routes(),
         *metrics.routes(),
         *openapi.routes(),
+        *console_routes.mounted(forward_backlog=None),  # forwarding's backlog: its hook, once forwarding exists
     ]
     # Per app, never prometheus' global registry: tests build many apps in one process.
     app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
