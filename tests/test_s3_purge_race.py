@@ -20,8 +20,8 @@ from service.record import purge as retention
 from service.record import store
 from service.record.payloads import Source
 from service.storage.audio import BlobStore, TempBlob, audio_relpath
-from service.storage.db import is_sqlite, transaction
-from service.storage.s3 import S3Store, make_client
+from service.storage.db import StoreRefused, create_engine, is_sqlite, transaction
+from service.storage.s3 import PATH_LOCK_CLASS, S3Store, make_client, path_lock_id, path_locked
 from service.storage.stores import open_audio_store
 from tests.support import records
 from tests.support.records import get_record
@@ -159,3 +159,24 @@ def test_a_copy_withdrawn_before_its_commit_is_gone(engine: Engine, blobs: S3Sto
     transaction(engine, erased_meanwhile)
     blob.discard()
     assert blobs.object_size(audio_relpath(CID)) is None
+
+
+def test_a_deleter_whose_transaction_failed_lets_go_of_the_key(postgres_url: str) -> None:
+    """A session lock outlives its transaction: one whose transaction aborted must not stay with a pooled
+    connection, or every later write of that key would wait for it in vain."""
+    failing, other = create_engine(postgres_url), create_engine(postgres_url)
+    ids = {"space": PATH_LOCK_CLASS, "path": path_lock_id("bucket", "rec/audio/conv_x.mp3")}
+
+    def fails_while_deciding(conn: Connection) -> None:
+        with path_locked("bucket", "rec/audio/conv_x.mp3"):
+            conn.execute(sa.text("SELECT 1 / 0"))  # the check of the claim fails: the transaction is aborted
+
+    try:
+        with pytest.raises(StoreRefused):
+            transaction(failing, fails_while_deciding)
+        with other.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_try_advisory_lock(:space, :path)"), ids).scalar_one() is True
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:space, :path)"), ids)
+    finally:
+        failing.dispose()
+        other.dispose()
