@@ -24,6 +24,7 @@ import yaml
 
 from service.cli import app
 from service.config import Settings, env_name
+from service.storage.s3_location import S3Location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -47,6 +48,11 @@ CHECKED_FILES = {
     "k8s/cronjob.yaml",
     "k8s/pvc.yaml",
     "k8s/secret.template.yaml",
+    "k8s-bucket/kustomization.yaml",
+    "k8s-bucket/no-shared-claim.yaml",
+    "k8s-bucket/deployment.yaml",
+    "k8s-bucket/cronjob.yaml",
+    "k8s-bucket/s3-secret.template.yaml",
     "nginx/postcall.conf",  # checked in tests/test_deploy_nginx.py
 }
 
@@ -165,7 +171,7 @@ def reconciler_script() -> str:
 
 def test_compose_runs_postgres_postcall_and_a_reconciler_on_one_image() -> None:
     services = compose_services()
-    assert set(services) == {"db", "postcall", "reconciler"}
+    assert set(services) == {"db", "minio", "minio-bucket", "nats", "postcall", "reconciler"}
     assert services["db"]["image"].startswith("postgres:")
     assert services["postcall"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     assert services["postcall"]["image"] == services["reconciler"]["image"]
@@ -184,7 +190,7 @@ def test_compose_services_share_the_database_the_data_volume_and_the_env_file() 
         assert service["environment"]["POSTCALL_DATABASE_URL"].endswith("@db:5432/postcall")
         assert service["environment"]["POSTCALL_DATA_DIR"] == DATA_DIR
         assert service["volumes"] == [f"postcall-data:{DATA_DIR}"]
-    assert set(volumes) == {"postgres-data", "postcall-data"}
+    assert set(volumes) == {"postgres-data", "postcall-data", "minio-data", "nats-data"}
 
 
 def test_compose_reconciler_loops_postcall_reconcile_with_a_sleep() -> None:
@@ -212,6 +218,64 @@ def test_shellcheck_finds_no_warnings_in_the_ci_script() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout
+
+
+def minio_bucket_script() -> str:
+    init = compose_services()["minio-bucket"]
+    assert init["entrypoint"] == ["/bin/sh", "-c"]
+    return str(init["command"][0]).replace("$$", "$")
+
+
+def test_compose_keeps_the_audio_in_the_minio_bucket_its_init_step_creates() -> None:
+    services = compose_services()
+    assert services["minio"]["image"].startswith("minio/minio:")
+    assert services["minio"]["command"][:2] == ["server", "/data"]  # the API on MinIO's port 9000
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    script = minio_bucket_script()
+    (made,) = re.findall(r"^mc mb --ignore-existing local/(\S+)$", script, flags=re.MULTILINE)
+    assert services["minio-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert services["postcall"]["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+    for name in ("postcall", "reconciler"):
+        environment = services[name]["environment"]
+        store = S3Location.parse(environment["POSTCALL_AUDIO_STORE"])
+        assert store.bucket == made
+        assert environment["POSTCALL_S3_ENDPOINT_URL"] == "http://minio:9000"
+        # postcall signs in as the user the init step creates, never as MinIO's root.
+        assert environment["AWS_ACCESS_KEY_ID"].startswith("${S3_ACCESS_KEY_ID:?")
+        assert environment["AWS_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_ACCESS_KEY:?")
+        Settings(  # the settings postcall starts with there are valid
+            webhook_secrets="x",
+            audio_store=environment["POSTCALL_AUDIO_STORE"],
+            s3_endpoint_url=environment["POSTCALL_S3_ENDPOINT_URL"],
+            _env_file=None,  # type: ignore[call-arg]
+        )
+    assert 'mc admin user add local "$S3_ACCESS_KEY_ID" "$S3_SECRET_ACCESS_KEY"' in script
+    assert re.search(r'^mc admin policy attach local readwrite --user "\$S3_ACCESS_KEY_ID"', script, re.MULTILINE)
+    assert "minio-data" in load_yaml("compose.yaml")["volumes"]
+
+
+def test_shellcheck_finds_nothing_in_the_bucket_set_up(tmp_path: Path) -> None:
+    script = tmp_path / "minio-bucket.sh"
+    script.write_text("#!/bin/sh\n" + minio_bucket_script())
+    result = subprocess.run(
+        [tool("shellcheck"), "--shell=sh", str(script)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_compose_runs_nats_with_jetstream_on_a_volume() -> None:
+    nats = compose_services()["nats"]
+    assert nats["image"].startswith("nats:2")
+    assert "-js" in nats["command"]
+    store_dir = nats["command"][nats["command"].index("-sd") + 1]
+    assert nats["volumes"] == [f"nats-data:{store_dir}"]
+
+
+def test_env_example_sets_every_variable_compose_requires() -> None:
+    text = (DEPLOY / ".env.example").read_text()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", (DEPLOY / "compose.yaml").read_text()))
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "S3_SECRET_ACCESS_KEY"} <= required
+    assert {name for name in required if re.search(rf"^{name}=\S", text, flags=re.MULTILINE)} == required
 
 
 def test_env_example_lists_every_setting() -> None:
@@ -463,3 +527,57 @@ def test_kubectl_kustomize_builds_the_manifests_with_the_image_set() -> None:
     assert sorted(doc["kind"] for doc in documents) == ["CronJob", "Deployment", "PersistentVolumeClaim", "Service"]
     image = "{newName}:{newTag}".format(**k8s("kustomization.yaml")["images"][0])
     assert result.stdout.count(f"image: {image}") == 3  # migrate, serve, reconcile
+
+
+# --- Kubernetes with the audio in a bucket (deploy/k8s-bucket: an overlay of deploy/k8s) ------------------------------
+
+
+def bucket_overlay(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = load_yaml(f"k8s-bucket/{name}")
+    return document
+
+
+def test_bucket_overlay_patches_resources_the_base_has() -> None:
+    overlay = bucket_overlay("kustomization.yaml")
+    assert overlay["resources"] == ["../k8s"]
+    base = {(k8s(name)["kind"], k8s(name)["metadata"]["name"]) for name in k8s("kustomization.yaml")["resources"]}
+    patched = {
+        (bucket_overlay(patch["path"])["kind"], bucket_overlay(patch["path"])["metadata"]["name"])
+        for patch in overlay["patches"]
+    }
+    assert patched <= base
+    assert bucket_overlay("no-shared-claim.yaml")["$patch"] == "delete"
+    assert bucket_overlay("no-shared-claim.yaml")["metadata"]["name"] == k8s("pvc.yaml")["metadata"]["name"]
+
+
+def test_bucket_secret_template_holds_the_standard_aws_variables() -> None:
+    secret = bucket_overlay("s3-secret.template.yaml")
+    assert secret["kind"] == "Secret"
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    assert "s3-secret.template.yaml" not in [patch["path"] for patch in bucket_overlay("kustomization.yaml")["patches"]]
+
+
+def test_kubectl_kustomize_builds_the_bucket_variant_without_a_shared_claim() -> None:
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s-bucket")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout)}
+    assert sorted(documents) == ["CronJob", "Deployment", "Service"]  # no PersistentVolumeClaim
+    assert "persistentVolumeClaim" not in result.stdout
+    secret = bucket_overlay("s3-secret.template.yaml")["metadata"]["name"]
+    pods = {
+        "Deployment": documents["Deployment"]["spec"]["template"]["spec"],
+        "CronJob": documents["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+    }
+    for spec in pods.values():
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        assert set(volumes["data"]) == {"name", "emptyDir"}  # each pod's own: only spills wait there
+        for container in spec["containers"]:
+            env = {item["name"]: item["value"] for item in container["env"]}
+            S3Location.parse(env["POSTCALL_AUDIO_STORE"])
+            assert env["POSTCALL_DATA_DIR"] == DATA_DIR
+            assert {"secretRef": {"name": secret}} in container["envFrom"]
+            assert {"secretRef": {"name": "postcall"}} in container["envFrom"]
+    image = "{newName}:{newTag}".format(**k8s("kustomization.yaml")["images"][0])
+    assert result.stdout.count(f"image: {image}") == 3

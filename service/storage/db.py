@@ -138,13 +138,27 @@ def after_commit(callback: Callable[[], None]) -> None:
         pending.append(callback)
 
 
+# The connection of the enclosing `transaction()`: how audio put in place inside it takes a lock that lasts until
+# it ends (a bucket's path locks, storage/s3.py), without every caller on the way passing the connection down.
+_connection: ContextVar[Connection | None] = ContextVar("postcall_connection", default=None)
+
+
+def current_connection() -> Connection | None:
+    """The connection of the enclosing `transaction()`; None outside one."""
+    return _connection.get()
+
+
 def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     """Run `work` in one transaction (committed on return, rolled back on error), mapping outages."""
     pending: list[Callable[[], None]] = []
     token = _after_commit.set(pending)
     try:
         with unavailable_as_store_error(), engine.begin() as conn:
-            result = work(conn)
+            connection_token = _connection.set(conn)
+            try:
+                result = work(conn)
+            finally:
+                _connection.reset(connection_token)
     finally:
         _after_commit.reset(token)
     for callback in pending:
