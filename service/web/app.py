@@ -18,7 +18,10 @@ from service.api import routes as api_routes
 from service.broker import routes as broker_routes
 from service.broker import sessions
 from service.config import Settings
+from service.forward import operate as forward_operate
 from service.forward import routes as forward_routes
+from service.forward.configured import build_sinks, sink_names
+from service.forward.dispatcher import Dispatcher
 from service.record import store
 from service.storage.audio import AudioStoreError, BlobStore
 from service.storage.db import StoreUnavailable, create_engine, transaction
@@ -69,7 +72,18 @@ def create_app(
             settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs, webhooks=webhooks
         )
         try:
-            yield
+            async with anyio.create_task_group() as background:
+                # Forwarding runs beside the receiver, never in its way: its own loops, threads and connections.
+                if settings.forward_in_serve and sink_names(settings):
+                    dispatcher = Dispatcher(
+                        db,
+                        build_sinks(settings),
+                        retention_seconds=settings.events_retention,
+                        observer=app_metrics.forward,
+                    )
+                    background.start_soon(dispatcher.run)
+                yield
+                background.cancel_scope.cancel()
         finally:
             await anyio.to_thread.run_sync(writer.stop)
             if elevenlabs is not None:
@@ -82,12 +96,13 @@ def create_app(
         *broker_routes.routes(),
         *api_routes.routes(),
         *forward_routes.routes(),
+        *forward_operate.routes(),
         *health.routes(),
         *metrics.routes(),
         *openapi.routes(),
     ]
     # Per app, never prometheus' global registry: tests build many apps in one process.
-    app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
+    app_metrics = metrics.Metrics(engine=lambda: _running_engine(app), forward_sinks=lambda: sink_names(settings))
     webhook_paths = frozenset({webhook_routes.PATH})
     app = Starlette(
         routes=routes,
