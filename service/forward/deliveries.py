@@ -172,9 +172,10 @@ class Settled:
     error: str | None
 
 
+# Only a claim still ours: a replay (or a lease that ran out and another dispatcher) took the row meanwhile.
 _SETTLE = (
     sa.update(deliveries)
-    .where(deliveries.c.id == sa.bindparam("b_id"))
+    .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.claimed_by == sa.bindparam("b_holder"))
     .values(
         status=sa.bindparam("b_status"),
         attempts=sa.bindparam("b_attempts"),
@@ -207,7 +208,7 @@ _RELEASE = (
 )
 
 
-def record(conn: Connection, sink: str, results: Sequence[Settled], now: datetime) -> None:
+def record(conn: Connection, sink: str, holder: str, results: Sequence[Settled], now: datetime) -> None:
     """Write a batch of attempts' outcomes, their attempt rows and the sink's last news, in a few statements."""
     if not results:
         return
@@ -216,6 +217,7 @@ def record(conn: Connection, sink: str, results: Sequence[Settled], now: datetim
         [
             {
                 "b_id": r.claim.outgoing.delivery_id,
+                "b_holder": holder,
                 "b_status": r.status,
                 "b_attempts": r.claim.attempts + 1,
                 "b_first": r.first_attempt_at,
@@ -278,18 +280,22 @@ def release(conn: Connection, holder: str) -> int:
 
 def replay(conn: Connection, names: Sequence[str], since: datetime, now: datetime) -> int:
     """Make every delivery to `names` of events committed at or after `since` pending again, due now, as if new
-    (its dead or delivered past forgotten but its attempt rows kept); one in flight now is left to its send.
-    Events not fanned out yet need nothing: they are on their way. How many deliveries."""
+    (its dead or delivered past forgotten, its attempt rows kept). One in flight keeps its lease, so it is not sent
+    twice at once, but loses its claim, so the outcome of that send does not count for the replay: it goes again
+    once the lease ends. Events not fanned out yet need nothing: they are on their way. How many deliveries."""
     d = deliveries.c
     return int(
         conn.execute(
             sa.update(deliveries)
-            .where(
-                d.sink.in_(names),
-                d.committed_at >= since,
-                sa.or_(d.claimed_until.is_(None), d.claimed_until <= now),
+            .where(d.sink.in_(names), d.committed_at >= since)
+            .values(
+                status=PENDING,
+                attempts=0,
+                first_attempt_at=None,
+                next_attempt_at=now,
+                delivered_at=None,
+                claimed_by=None,
             )
-            .values(status=PENDING, attempts=0, first_attempt_at=None, next_attempt_at=now, delivered_at=None)
         ).rowcount
     )
 

@@ -149,7 +149,9 @@ class SinkLoop:
         return bool(settled or claims or fanned)
 
     def _record(self, settled: list[Settled]) -> None:
-        transaction(self.engine, lambda conn: deliveries.record(conn, self.sink.name, settled, self.timing.clock()))
+        transaction(
+            self.engine, lambda conn: deliveries.record(conn, self.sink.name, self.holder, settled, self.timing.clock())
+        )
         for result in settled:
             self.observer.attempted(self.sink.name, "failed" if result.status == PENDING else result.status)
             if result.status == DELIVERED:
