@@ -53,12 +53,15 @@ class NatsSink:
         async with self._connecting:
             if self._js is not None and self._client is not None and not self._client.is_closed:
                 return self._js
-            client = await nats.connect(
-                self._url,
-                connect_timeout=CONNECT_SECONDS,
-                max_reconnect_attempts=-1,  # once connected, ride out restarts of the server
-                error_cb=self._on_error,
-            )
+            # nats-py keeps trying a first connection as long as it would reconnect one (for ever, below): the
+            # attempt is bounded here, and a failed one is a failed attempt, retried on the schedule.
+            with anyio.fail_after(2 * CONNECT_SECONDS):
+                client = await nats.connect(
+                    self._url,
+                    connect_timeout=CONNECT_SECONDS,
+                    max_reconnect_attempts=-1,  # once connected, ride out restarts of the server
+                    error_cb=self._on_error,
+                )
             js = client.jetstream()
             try:
                 await js.stream_info(self._stream)
@@ -69,7 +72,7 @@ class NatsSink:
             return js
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS %s: %s", self.name, type(exc).__name__)
+        log.debug("NATS %s: %s", self.name, type(exc).__name__)  # the attempt's outcome says it once
 
     async def send(self, event: Outgoing) -> Outcome:
         started = time.perf_counter()

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
+from service import logs
+
 PREFIX = "whsec_"
 MIN_SECRET_BYTES = 24  # Standard Webhooks asks for 24 to 64 random bytes
 
@@ -40,6 +42,7 @@ class Signer:
 
     def __init__(self, secret: str) -> None:
         self._webhook = Webhook(check_secret(secret))
+        logs.never_show(secret)
 
     def headers(self, event_id: str, body: str, at: datetime) -> dict[str, str]:
         at = at.astimezone(UTC)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 
+from service import logs
 from service.forward.signing import Signer
 from service.forward.sinks import Outcome, Outgoing, sink_name
 
@@ -34,6 +37,7 @@ class WebhookSink:
         self._signer = signer
         self._deadline = deadline
         self._clock = clock
+        _hide_credentials(url)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(deadline),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
@@ -65,3 +69,29 @@ class WebhookSink:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _NotOurRequests(logging.Filter):
+    """Drops httpx's `HTTP Request:` line for requests to forwarding endpoints: one per event is noise at
+    thousands a second, and the URL it names may carry credentials. Other httpx lines (ElevenLabs') stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) > 1 and str(args[1]) in self.urls)
+
+
+_QUIET = _NotOurRequests()
+
+
+def _hide_credentials(url: str) -> None:
+    if _QUIET not in logging.getLogger("httpx").filters:
+        logging.getLogger("httpx").addFilter(_QUIET)
+    _QUIET.urls.add(str(httpx.URL(url)))
+    parts = urlsplit(url)
+    for secret in (parts.password, parts.query):
+        if secret:
+            logs.never_show(secret)
