@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -41,10 +42,8 @@ def stream() -> Iterator[str]:
 
     async def delete() -> None:
         client = await nats.connect(NATS_URL)
-        try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await client.jetstream().delete_stream(name)
-        except nats.js.errors.NotFoundError:
-            pass
         await client.close()
 
     asyncio.run(delete())

@@ -120,11 +120,14 @@ def test_a_dead_sink_holds_back_neither_another_sink_nor_other_conversations(eng
     dead = Receiver(answer=lambda event: 500)
     stuck_conversation = "conv_poison"
     picky = Receiver(answer=lambda event: 500 if event["data"]["conversation_id"] == stuck_conversation else 200)
-    with receiving(dead) as dead_url, receiving(picky) as picky_url:
-        with dispatching(engine, [webhook_sink(dead_url), webhook_sink(picky_url)]):
-            commit_all(engine, [stuck_conversation, "conv_a", "conv_b"], tmp_path)
-            wait_until(lambda: len(picky.keys()) >= 6, what="the healthy conversations")
-            wait_until(lambda: len(dead.refused) >= 3, what="the dead sink being tried")
+    with (
+        receiving(dead) as dead_url,
+        receiving(picky) as picky_url,
+        dispatching(engine, [webhook_sink(dead_url), webhook_sink(picky_url)]),
+    ):
+        commit_all(engine, [stuck_conversation, "conv_a", "conv_b"], tmp_path)
+        wait_until(lambda: len(picky.keys()) >= 6, what="the healthy conversations")
+        wait_until(lambda: len(dead.refused) >= 3, what="the dead sink being tried")
     order = by_revision(picky.keys())
     assert order == {"conv_a": [1, 2, 3], "conv_b": [1, 2, 3]}
     # The failing conversation's later revisions were never sent ahead of its first.
@@ -206,10 +209,9 @@ def _in(seconds: float) -> datetime:
 def test_two_dispatchers_on_one_postgres_never_send_one_event_twice_at_once(engine: Engine, tmp_path: Path) -> None:
     receiver = Receiver(delay=0.05)
     ids = [f"conv_race{n}" for n in range(20)]
-    with receiving(receiver) as url:
-        with dispatching(engine, [webhook_sink(url)]), dispatching(engine, [webhook_sink(url)]):
-            commit_all(engine, ids, tmp_path)
-            wait_until(lambda: delivered(engine) == 60, what="60 events")
+    with receiving(receiver) as url, dispatching(engine, [webhook_sink(url)]), dispatching(engine, [webhook_sink(url)]):
+        commit_all(engine, ids, tmp_path)
+        wait_until(lambda: delivered(engine) == 60, what="60 events")
     assert receiver.overlapping == []
     order = by_revision(receiver.keys())
     assert all(order[conversation_id] == [1, 2, 3] for conversation_id in ids)

@@ -151,7 +151,7 @@ def empty_forwarding(engine: Engine) -> None:
             conn.exec_driver_sql(f"TRUNCATE {', '.join(FORWARD_TABLES)} RESTART IDENTITY")
         else:
             for table in FORWARD_TABLES:
-                conn.exec_driver_sql(f"DELETE FROM {table}")  # noqa: S608 (names above)
+                conn.exec_driver_sql(f"DELETE FROM {table}")
         conn.exec_driver_sql("UPDATE forward_sequence SET last = 0")
 
 
