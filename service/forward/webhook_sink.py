@@ -16,7 +16,7 @@ from service.forward.signing import Signer
 from service.forward.sinks import Outcome, Outgoing, sink_name
 
 DEADLINE_SECONDS = 15.0  # the whole attempt, connect to last byte (PRODUCT: "a 2xx within 15 s")
-CONCURRENCY = 32  # per endpoint: requests in flight, and so connections kept alive
+CONCURRENCY = 16  # per endpoint: requests in flight, and so connections kept alive (httpx's pool slows past ~16)
 ANSWER_EXCERPT = 200  # characters of a refusing answer kept in last_error, for the person looking
 USER_AGENT = "postcall-forward/1"
 
