@@ -6,7 +6,8 @@ Each sink has a loop of its own (`SinkLoop`), so a slow or dead sink never holds
 3. claim due deliveries with a lease, each its conversation's earliest pending one (deliveries.claim), as many
    as the sink has free send slots;
 4. send them concurrently, at most `sink.concurrency` at once; a send that takes long holds one slot, not the loop;
-5. write the outcomes that came back, with their attempt rows, in one transaction (deliveries.record).
+5. write the outcomes that came back, with their attempt rows (deliveries.record) — in the next turn's transaction
+   of steps 2 and 3, so a turn costs two commits.
 A loop that finds nothing to do waits `poll` seconds, or less when `wake()` is called. Every send runs within the
 sink's own deadline, and the lease is longer than that, so no event is in flight twice at once to one sink, even
 with several dispatchers (replicas, `postcall forward`) on one PostgreSQL.
@@ -133,40 +134,46 @@ class SinkLoop:
 
     async def _turn(self, sends: TaskGroup) -> bool:
         """One turn; True when it did something (so the next comes at once)."""
-        settled, self._results = self._results, []
-        if settled:
-            try:
-                await anyio.to_thread.run_sync(self._record, settled)
-            except BaseException:
-                self._results = settled + self._results  # written on a later turn
-                raise
         await anyio.to_thread.run_sync(transaction, self.engine, feed.sequence)
+        settled, self._results = self._results, []
         free = self.sink.concurrency - self._in_flight
-        fanned, claims = await anyio.to_thread.run_sync(self._fan_out_and_claim, free)
+        try:
+            fanned, claims = await anyio.to_thread.run_sync(self._settle_fan_out_and_claim, settled, free)
+        except BaseException:
+            self._results = settled + self._results  # written on a later turn
+            raise
+        self._observe(settled)
         for claim in claims:
             self._in_flight += 1
             sends.start_soon(self._send, claim)
         return bool(settled or claims or fanned)
 
-    def _record(self, settled: list[Settled]) -> None:
-        transaction(
-            self.engine, lambda conn: deliveries.record(conn, self.sink.name, self.holder, settled, self.timing.clock())
-        )
-        for result in settled:
-            self.observer.attempted(self.sink.name, "failed" if result.status == PENDING else result.status)
-            if result.status == DELIVERED:
-                since = (result.attempted_at - result.claim.outgoing.committed_at).total_seconds()
-                self.observer.delivered(self.sink.name, max(since, 0.0))
+    def _settle_fan_out_and_claim(self, settled: list[Settled], free: int) -> tuple[int, list[Claim]]:
+        """Steps 5, 2 and 3 in one transaction: each commit costs a sync to disk, and a turn's are what bound how
+        many turns, and so events, a loop gets through in a second."""
 
-    def _fan_out_and_claim(self, free: int) -> tuple[int, list[Claim]]:
         def work(conn: Connection) -> tuple[int, list[Claim]]:
             now = self.timing.clock()
+            deliveries.record(conn, self.sink.name, self.holder, settled, now)
             fanned = deliveries.fan_out(conn, self.sink.name, now)
             if free <= 0:
                 return fanned, []
             return fanned, deliveries.claim(conn, self.sink.name, self.holder, now, self.timing.lease, free)
 
         return transaction(self.engine, work)
+
+    def _record(self, settled: list[Settled]) -> None:
+        transaction(
+            self.engine, lambda conn: deliveries.record(conn, self.sink.name, self.holder, settled, self.timing.clock())
+        )
+        self._observe(settled)
+
+    def _observe(self, settled: list[Settled]) -> None:
+        for result in settled:
+            self.observer.attempted(self.sink.name, "failed" if result.status == PENDING else result.status)
+            if result.status == DELIVERED:
+                since = (result.attempted_at - result.claim.outgoing.committed_at).total_seconds()
+                self.observer.delivered(self.sink.name, max(since, 0.0))
 
     async def _send(self, claim: Claim) -> None:
         try:
