@@ -55,12 +55,13 @@ def test_every_event_is_delivered_after_kill_9_with_sends_in_flight(
         with serve_process(env, "--no-migrate", log=log):
             # Claims of the killed process run out (their lease), then the new one sends them.
             wait_until(
-                lambda: len(table_rows(engine, "SELECT id FROM forward_delivery WHERE status = 'delivered'"))
-                == len(ids),
+                lambda: (
+                    len(table_rows(engine, "SELECT id FROM forward_delivery WHERE status = 'delivered'")) == len(ids)
+                ),
                 timeout=90,
                 what="every event delivered after the restart",
             )
-    assert {key for key in receiver.keys()} == {(conversation_id, 1) for conversation_id in ids}
+    assert set(receiver.keys()) == {(conversation_id, 1) for conversation_id in ids}
     text = log.read_text()
     assert "forwarding to" in text  # the log is the server's, and it says what it forwards to
     assert FORWARD_SECRET not in text and FORWARD_SECRET[6:] not in text and "do-not-log-me" not in text
