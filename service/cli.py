@@ -91,6 +91,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not migrate the database first.")] = False,
+    no_forward: Annotated[
+        bool, typer.Option("--no-forward", help="Do not forward events here (a `postcall forward` process does).")
+    ] = False,
     limit_concurrency: Annotated[
         int, typer.Option(min=1, help="Connections a worker keeps at once, idle ones included; past it, 503.")
     ] = 2048,  # ElevenLabs sends tens at once; 1,100 connections stuck in their heads still leave room
@@ -106,6 +109,10 @@ def serve(
     if not no_migrate:
         _migrate(settings)
     _share_pending_budget(settings, workers)
+    if no_forward:
+        import os
+
+        os.environ[env_name("forward_in_serve")] = "false"  # read by each worker's settings
     logging.getLogger("postcall.server").info("open files limit: %d", server.raise_open_files_limit())
     uvicorn.run(
         "service.web.asgi:build",
@@ -351,6 +358,81 @@ def audio_copy(
         f"copied {report.copied} audio file(s) ({report.bytes_copied:,} bytes) to {target.describe()}; "
         f"{report.skipped} already there",
         err=True,
+    )
+
+
+forward_app = typer.Typer(
+    help="Forward every event to the configured sinks (webhooks, NATS JetStream); `replay` sends some again.",
+    invoke_without_command=True,
+)
+app.add_typer(forward_app, name="forward")
+
+
+@forward_app.callback()
+def forward(
+    ctx: typer.Context,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve this process's Prometheus metrics on 127.0.0.1:PORT.")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port.")] = "127.0.0.1",
+) -> None:
+    """Dispatch events to every configured sink until stopped (beside `serve --no-forward`, or alone)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prometheus_client import start_http_server
+
+    from service.forward.command import run_dispatcher
+    from service.forward.configured import sink_names
+    from service.storage.db import create_engine
+    from service.web.metrics import Metrics
+
+    settings = settings_or_exit()
+    if not sink_names(settings):
+        fail(
+            f"no sink configured: set {env_name('forward_urls')} (with {env_name('forward_secret')}) "
+            f"or {env_name('forward_nats_url')}"
+        )
+    setup_logging()
+    engine = create_engine(settings.database_url)
+    metrics = Metrics(engine=lambda: engine, forward_sinks=lambda: sink_names(settings))
+    if metrics_port is not None:
+        start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+    try:
+        code = run_dispatcher(settings, engine, metrics.forward)
+    finally:
+        engine.dispose()
+    raise typer.Exit(code)
+
+
+@forward_app.command("replay")
+def forward_replay(
+    since: Annotated[str, typer.Option(help="Send again the events committed since: 7d, ISO-8601 or unix seconds.")],
+    sink: Annotated[str | None, typer.Option(help="Only to this sink (its name as GET /v1/forward shows it).")] = None,
+) -> None:
+    """Send the events committed since a moment again, with their ids, to every sink or the one named."""
+    from datetime import UTC, datetime
+
+    from service.forward.configured import sink_names
+    from service.forward.replay import ReplayError, choose_sinks, parse_since, replay
+    from service.storage.db import StoreUnavailable, create_engine
+
+    settings = settings_or_exit()
+    now = datetime.now(UTC)
+    try:
+        moment = parse_since(since, now)
+        names = choose_sinks(sink_names(settings), sink)
+    except ReplayError as exc:
+        fail(f"--{exc.field}: {exc}")
+    setup_logging()
+    engine = create_engine(settings.database_url)
+    try:
+        count = replay(engine, names, moment, now)
+    except StoreUnavailable as exc:
+        fail(f"database unavailable: {exc}", code=1)
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"{count} deliveries of events since {moment.isoformat()} pending again for {', '.join(names)}", err=True
     )
 
 

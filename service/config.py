@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "POSTCALL_"
@@ -46,8 +46,16 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # Tokens that may also erase (api/auth.py): an admin token can do all a read token can.
     admin_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Forwarding (forward/): webhook endpoints that get every event, signed with forward_secret (Standard
+    # Webhooks), and a NATS server with JetStream. forward_in_serve is `serve --no-forward`, passed to its workers.
+    forward_urls: CommaList = ()
+    forward_secret: SecretStr | None = Field(default=None, validate_default=True)
+    forward_nats_url: str | None = None
+    forward_nats_stream: str = "POSTCALL"
+    events_retention: int = 30 * 86400  # seconds; given as a duration (30d, 12h…)
+    forward_in_serve: bool = True
 
-    @field_validator("agent_ids", "webhook_secrets", "api_tokens", "admin_tokens", mode="before")
+    @field_validator("agent_ids", "webhook_secrets", "api_tokens", "admin_tokens", "forward_urls", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -90,6 +98,71 @@ class Settings(BaseSettings):
     def _blank_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             return None
+        return value
+
+    @field_validator("forward_urls")
+    @classmethod
+    def _sink_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from service.forward.sinks import sink_name
+
+        names: set[str] = set()
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{sink_name(url)!r} is not an http:// or https:// URL")
+            if sink_name(url) in names:
+                raise ValueError(f"{sink_name(url)} is given twice (credentials and query left aside)")
+            names.add(sink_name(url))
+        return value
+
+    @field_validator("forward_secret")
+    @classmethod
+    def _signing_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            value = None
+        if value is None:
+            if info.data.get("forward_urls"):
+                raise ValueError(f"is required with {env_name('forward_urls')}")
+            return None
+        from service.forward.signing import SigningSecretError, check_secret
+
+        try:
+            check_secret(value.get_secret_value())
+        except SigningSecretError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("forward_nats_url")
+    @classmethod
+    def _nats_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ValueError("must be a nats:// (or tls://) URL, e.g. nats://127.0.0.1:4222")
+        return value.strip()
+
+    @field_validator("forward_nats_stream")
+    @classmethod
+    def _stream_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(char in value for char in " \t.*>/\\") or not value.isprintable():
+            raise ValueError("must be a JetStream stream name: no spaces, '.', '*', '>', '/' or '\\'")
+        return value
+
+    @field_validator("events_retention", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from service.reconcile.windows import WindowError, parse_duration
+
+            try:
+                seconds = parse_duration(value.strip())
+            except WindowError as exc:
+                raise ValueError(str(exc)) from None
+            if seconds <= 0:
+                raise ValueError("must be longer than 0")
+            return seconds
         return value
 
 

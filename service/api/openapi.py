@@ -285,6 +285,81 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "503": UNAVAILABLE,
         },
     },
+    ("GET", "/v1/forward"): {
+        "summary": "Each forwarding sink's backlog, dead events and last news",
+        "description": (
+            "`pending` counts every event the sink has yet to acknowledge: waiting for a first try or a retry, or "
+            "not yet handed to it. A sink is named by its URL without credentials or query."
+        ),
+        "responses": {
+            "200": _json(
+                _object(
+                    {
+                        "sinks": {
+                            "type": "array",
+                            "items": _object(
+                                {
+                                    "sink": {"type": "string"},
+                                    "pending": {"type": "integer"},
+                                    "dead": {"type": "integer", "description": "given up on after 3 days; replayable"},
+                                    "oldest_pending_seconds": _nullable("number"),
+                                    "last_success_at": TIME,
+                                    "last_error": _nullable("string"),
+                                }
+                            ),
+                        }
+                    }
+                ),
+                "one entry per configured sink",
+            ),
+            "503": UNAVAILABLE,
+        },
+    },
+    ("POST", "/v1/forward/replay"): {
+        "summary": "Send the events committed since a moment again, with their ids (admin token)",
+        "description": "To every sink, or the one named; nothing is added to the event feed.",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["since"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "since": {
+                                "anyOf": [{"type": "string"}, {"type": "integer"}],
+                                "description": "7d, ISO-8601 or unix seconds",
+                            },
+                            "sink": {"type": "string", "description": "a sink's name as GET /v1/forward shows it"},
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": _json(
+                _object(
+                    {
+                        "replayed": {"type": "integer", "description": "deliveries made pending again"},
+                        "since": {"type": "string", "format": "date-time"},
+                        "sinks": {"type": "array", "items": {"type": "string"}},
+                    }
+                ),
+                "the replay is under way",
+            ),
+            "413": _error("body too large"),
+            "422": _json(
+                {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
+                    "required": ["error", "field"],
+                },
+                "the body is unusable (`field` names what), or the sink is not configured",
+            ),
+            "503": UNAVAILABLE,
+        },
+    },
     ("POST", "/v1/sessions"): {
         "summary": "Start a session: fetch a WebRTC token or WebSocket signed URL and record the conversation",
         "requestBody": {

@@ -310,3 +310,73 @@ class ForwardSequence(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=32)
     last: int = Field(sa_type=sa.BigInteger)
+
+
+class ForwardSink(SQLModel, table=True):
+    """A sink's place in the feed and its last news (forward/deliveries.py).
+
+    `cursor` is the last feed position fanned out into this sink's deliveries; its row lock makes the fan-out of
+    several dispatchers take turns, so an event gets one delivery per sink. `sink` is the sink's name as shown in
+    `GET /v1/forward` and the metrics: its URL without credentials (forward/sinks.py)."""
+
+    __tablename__ = "forward_sink"
+
+    sink: str = Field(primary_key=True, max_length=512)
+    cursor: int = Field(default=0, sa_type=sa.BigInteger)
+    last_success_at: datetime | None = _time()
+    last_error: str | None = Field(default=None, sa_type=sa.Text)
+    last_error_at: datetime | None = _time()
+
+
+class ForwardDelivery(SQLModel, table=True):
+    """One event for one sink: `pending` (due at `next_attempt_at`), `delivered` or `dead` (given up on).
+
+    A dispatcher claims a due delivery by setting `claimed_until` (a lease longer than a send may take) and
+    `claimed_by`, so no other one sends it meanwhile. The event's row owns it: deleting an event (retention,
+    erasure) deletes its deliveries and their attempts."""
+
+    __tablename__ = "forward_delivery"
+    __table_args__ = (
+        sa.UniqueConstraint("event", "sink", name="uq_forward_delivery_event_sink"),
+        # Claiming: the sink's due deliveries, soonest first.
+        sa.Index("ix_forward_delivery_due", "sink", "status", "next_attempt_at"),
+        # Revision order: is an earlier event of this conversation still pending for this sink?
+        sa.Index("ix_forward_delivery_conversation", "sink", "conversation_id", "status", "position"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    event: int = Field(
+        sa_column=sa.Column(BigId, sa.ForeignKey("forward_event.id", ondelete="CASCADE"), nullable=False)
+    )
+    sink: str = Field(max_length=512)
+    conversation_id: str = Field(max_length=256)
+    revision: int = Field(sa_type=sa.BigInteger)
+    position: int = Field(sa_type=sa.BigInteger)
+    committed_at: datetime = _time(nullable=False)
+    status: str = Field(max_length=16)  # pending | delivered | dead
+    attempts: int = Field(default=0)
+    first_attempt_at: datetime | None = _time()
+    next_attempt_at: datetime = _time(nullable=False)
+    claimed_until: datetime | None = _time()
+    claimed_by: str | None = Field(default=None, max_length=128)
+    delivered_at: datetime | None = _time()
+    last_status_code: int | None = Field(default=None)
+    last_error: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class ForwardAttempt(SQLModel, table=True):
+    """One try at sending a delivery: its outcome, the answer's status code, how long it took, why it failed,
+    and when the next try is due (none: delivered or dead)."""
+
+    __tablename__ = "forward_attempt"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    delivery: int = Field(
+        sa_column=sa.Column(BigId, sa.ForeignKey("forward_delivery.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    attempted_at: datetime = _time(nullable=False)
+    outcome: str = Field(max_length=16)  # delivered | failed | dead
+    status_code: int | None = Field(default=None)
+    latency_seconds: float = Field(default=0.0)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    next_attempt_at: datetime | None = _time()

@@ -6,9 +6,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
 
 import anyio.to_thread
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
@@ -19,7 +21,10 @@ from service.broker import routes as broker_routes
 from service.broker import sessions
 from service.config import Settings
 from service.console import routes as console_routes
+from service.forward import operate as forward_operate
 from service.forward import routes as forward_routes
+from service.forward.configured import build_sinks, sink_names
+from service.forward.dispatcher import Dispatcher
 from service.record import store
 from service.storage.audio import AudioStoreError, BlobStore
 from service.storage.db import StoreUnavailable, create_engine, transaction
@@ -70,7 +75,18 @@ def create_app(
             settings=settings, engine=db, blobs=blobs, clock=clock, elevenlabs=elevenlabs, webhooks=webhooks
         )
         try:
-            yield
+            async with anyio.create_task_group() as background:
+                # Forwarding runs beside the receiver, never in its way: its own loops, threads and connections.
+                if settings.forward_in_serve and sink_names(settings):
+                    dispatcher = Dispatcher(
+                        db,
+                        build_sinks(settings),
+                        retention_seconds=settings.events_retention,
+                        observer=app_metrics.forward,
+                    )
+                    background.start_soon(dispatcher.run)
+                yield
+                background.cancel_scope.cancel()
         finally:
             await anyio.to_thread.run_sync(writer.stop)
             if elevenlabs is not None:
@@ -83,13 +99,14 @@ def create_app(
         *broker_routes.routes(),
         *api_routes.routes(),
         *forward_routes.routes(),
+        *forward_operate.routes(),
         *health.routes(),
         *metrics.routes(),
         *openapi.routes(),
-        *console_routes.mounted(forward_backlog=None),  # forwarding's backlog: its hook, once forwarding exists
+        *console_routes.mounted(forward_backlog=_forward_backlog(settings)),
     ]
     # Per app, never prometheus' global registry: tests build many apps in one process.
-    app_metrics = metrics.Metrics(engine=lambda: _running_engine(app))
+    app_metrics = metrics.Metrics(engine=lambda: _running_engine(app), forward_sinks=lambda: sink_names(settings))
     webhook_paths = frozenset({webhook_routes.PATH})
     app = Starlette(
         routes=routes,
@@ -128,3 +145,11 @@ def _running_engine(app: Starlette) -> Engine | None:
     """The lifespan's engine, or None before the app has started (a scrape then reports the database down)."""
     state: AppState | None = getattr(app.state, "postcall", None)
     return state.engine if state is not None else None
+
+
+def _forward_backlog(settings: Settings) -> Callable[[Connection], list[dict[str, Any]]] | None:
+    """The console's view of each forwarding sink (None: no sink configured, and the page says so)."""
+    names = sink_names(settings)
+    if not names:
+        return None
+    return lambda conn: forward_operate.sinks_status(conn, names, datetime.now(UTC))

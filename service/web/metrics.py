@@ -2,13 +2,16 @@
 
 Counted in the process: webhook deliveries by type and outcome, request latency per route. Read from the
 database at scrape time (so every replica and the cron-run reconciler agree): reconcile runs, gaps filled, the
-last successful reconcile, the workspace's post-call webhook as the last run found it, stored conversations.
+last successful reconcile, the workspace's post-call webhook as the last run found it, stored conversations, and
+each forwarding sink's backlog. Forwarding attempts and delivery latency are counted by the dispatcher that made
+them (in `serve`, or in `postcall forward --metrics-port`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio.to_thread
@@ -24,9 +27,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.reads import count_conversations
+from service.forward import deliveries
 from service.storage.db import StoreUnavailable, unavailable_as_store_error
 from service.storage.tables import ReconcileRun
 
+# Commit to delivery: tens of milliseconds when all is well, hours when a sink was down.
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED_ROUTE = "unmatched"
 # A refused delivery was not (or not fully) read, and an unverified body is not to be trusted: its type is unknown.
@@ -44,9 +50,82 @@ REFUSALS = {
 reconcile_runs: sa.Table = ReconcileRun.__table__  # type: ignore[attr-defined]
 
 
+class ForwardMetrics:
+    """What a dispatcher reports (forward/dispatcher.py `Observer`): attempts by outcome, commit-to-delivery time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "postcall_forward_attempts",
+            "Attempts at sending an event to a sink, by outcome: delivered, failed (to be retried) or dead.",
+            ["sink", "outcome"],
+            registry=registry,
+        )
+        self.delivery_seconds = Histogram(
+            "postcall_forward_delivery_seconds",
+            "Time from an event's commit to its delivery to a sink.",
+            ["sink"],
+            buckets=DELIVERY_BUCKETS,
+            registry=registry,
+        )
+
+    def attempted(self, sink: str, outcome: str) -> None:
+        self.attempts.labels(sink, outcome).inc()
+
+    def delivered(self, sink: str, seconds_since_commit: float) -> None:
+        self.delivery_seconds.labels(sink).observe(seconds_since_commit)
+
+
+class BacklogCollector(Collector):
+    """Each sink's backlog, read from the database when Prometheus scrapes (every replica agrees)."""
+
+    def __init__(self, engine: Callable[[], Engine | None], sinks: Callable[[], Sequence[str]]) -> None:
+        self._engine = engine
+        self._sinks = sinks
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families([])
+
+    def collect(self) -> Iterator[Metric]:
+        engine, names = self._engine(), list(self._sinks())
+        report: list[deliveries.SinkStatus] = []
+        if engine is not None and names:
+            try:
+                with unavailable_as_store_error(), engine.connect() as conn:
+                    report = deliveries.status(conn, names)
+            except (StoreUnavailable, sa.exc.SQLAlchemyError):
+                report = []
+        yield from self._families(report)
+
+    def _families(self, report: list[deliveries.SinkStatus]) -> Iterator[Metric]:
+        backlog = GaugeMetricFamily(
+            "postcall_forward_backlog", "Events waiting to be delivered to a sink (retries included).", labels=["sink"]
+        )
+        oldest = GaugeMetricFamily(
+            "postcall_forward_oldest_pending_seconds",
+            "Age of the oldest event waiting for a sink (0: none waits).",
+            labels=["sink"],
+        )
+        dead = GaugeMetricFamily(
+            "postcall_forward_dead", "Events a sink was given up on (replayable).", labels=["sink"]
+        )
+        now = datetime.now(UTC)
+        for sink in report:
+            backlog.add_metric([sink.sink], float(sink.pending))
+            waited = (now - sink.oldest_pending_at).total_seconds() if sink.oldest_pending_at else 0.0
+            oldest.add_metric([sink.sink], max(waited, 0.0))
+            dead.add_metric([sink.sink], float(sink.dead))
+        yield backlog
+        yield oldest
+        yield dead
+
+
 class Metrics:
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(
+        self, engine: Callable[[], Engine | None], forward_sinks: Callable[[], Sequence[str]] = lambda: ()
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.forward = ForwardMetrics(self.registry)
+        self.registry.register(BacklogCollector(engine, forward_sinks))
         self.webhooks = Counter(
             "postcall_webhooks",
             "Webhook deliveries by event type and outcome (accepted, duplicate, ignored, or why it was refused).",

@@ -1,0 +1,266 @@
+"""The dispatcher: every sink gets every event, at least once, in revision order per conversation.
+
+Each sink has a loop of its own (`SinkLoop`), so a slow or dead sink never holds back another. One turn of a loop:
+1. number newly committed events (feed.sequence: their commit-order positions);
+2. fan the feed's new events out into the sink's deliveries, moving its cursor (deliveries.fan_out);
+3. claim due deliveries with a lease, each its conversation's earliest pending one (deliveries.claim), as many
+   as the sink has free send slots;
+4. send them concurrently, at most `sink.concurrency` at once; a send that takes long holds one slot, not the loop;
+5. write the outcomes that came back, with their attempt rows (deliveries.record) — in the next turn's transaction
+   of steps 2 and 3, so a turn costs two commits.
+A loop that finds nothing to do waits `poll` seconds, or less when `wake()` is called. Every send runs within the
+sink's own deadline, and the lease is longer than that, so no event is in flight twice at once to one sink, even
+with several dispatchers (replicas, `postcall forward`) on one PostgreSQL.
+
+The database calls run on worker threads (the drivers are synchronous); sends on the event loop. A database that
+is down pauses the loops (they try again every `OUTAGE_PAUSE` seconds) and never ends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+from sqlalchemy.engine import Connection, Engine
+
+from service.forward import deliveries, feed
+from service.forward.deliveries import DEAD, DELIVERED, PENDING, Claim, Settled
+from service.forward.schedule import RetrySchedule
+from service.forward.sinks import Outcome, Sink
+from service.storage.db import StoreUnavailable, transaction
+
+log = logging.getLogger("postcall.forward")
+
+POLL_SECONDS = 0.02  # how soon a loop with nothing to do looks again: commit-to-delivery latency rests on it
+LEASE = timedelta(seconds=30)  # longer than any sink's deadline (15 s) plus writing the outcome
+OUTAGE_PAUSE = 1.0
+PRUNE_EVERY_SECONDS = 300.0
+PRUNE_BATCH = 1000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Observer(Protocol):
+    """Where a dispatcher reports what it did (web/metrics.py `ForwardMetrics`)."""
+
+    def attempted(self, sink: str, outcome: str) -> None: ...
+
+    def delivered(self, sink: str, seconds_since_commit: float) -> None: ...
+
+
+class _Unobserved:
+    def attempted(self, sink: str, outcome: str) -> None:
+        pass
+
+    def delivered(self, sink: str, seconds_since_commit: float) -> None:
+        pass
+
+
+def settle(claim: Claim, outcome: Outcome, now: datetime, schedule: RetrySchedule) -> Settled:
+    """What an attempt's outcome makes of its delivery: delivered, a retry at the schedule's time, or dead. Pure."""
+    first = claim.first_attempt_at or now
+    status, retry = DELIVERED, None
+    if not outcome.delivered:
+        retry = schedule.next_attempt(claim.attempts + 1, first, now)
+        status = PENDING if retry is not None else DEAD
+    return Settled(
+        claim=claim,
+        status=status,
+        attempted_at=now,
+        first_attempt_at=first,
+        next_attempt_at=retry,
+        status_code=outcome.status_code,
+        latency_seconds=outcome.latency_seconds,
+        error=outcome.error,
+    )
+
+
+def holder_name() -> str:
+    """Who holds a claim: host, process and a nonce (a restarted process is someone else)."""
+    return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Timing:
+    poll: float = POLL_SECONDS
+    lease: timedelta = LEASE
+    schedule: RetrySchedule = field(default_factory=RetrySchedule)
+    clock: Callable[[], datetime] = utcnow
+    prune_every: float = PRUNE_EVERY_SECONDS
+
+
+class SinkLoop:
+    def __init__(self, engine: Engine, sink: Sink, holder: str, timing: Timing, observer: Observer) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.holder = holder
+        self.timing = timing
+        self.observer = observer
+        self._in_flight = 0
+        self._results: list[Settled] = []
+        self._nudge = anyio.Event()
+
+    def wake(self) -> None:
+        self._nudge.set()
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as sends:
+                while True:
+                    try:
+                        busy = await self._turn(sends)
+                    except StoreUnavailable as exc:
+                        log.warning("forwarding to %s paused: database unavailable (%s)", self.sink.name, exc)
+                        await anyio.sleep(OUTAGE_PAUSE)
+                        continue
+                    if not busy:
+                        with anyio.move_on_after(self.timing.poll):
+                            await self._nudge.wait()
+                        self._nudge = anyio.Event()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._give_back()
+
+    async def _turn(self, sends: TaskGroup) -> bool:
+        """One turn; True when it did something (so the next comes at once)."""
+        await anyio.to_thread.run_sync(transaction, self.engine, feed.sequence)
+        settled, self._results = self._results, []
+        free = self.sink.concurrency - self._in_flight
+        try:
+            fanned, claims = await anyio.to_thread.run_sync(self._settle_fan_out_and_claim, settled, free)
+        except BaseException:
+            self._results = settled + self._results  # written on a later turn
+            raise
+        self._observe(settled)
+        for claim in claims:
+            self._in_flight += 1
+            sends.start_soon(self._send, claim)
+        return bool(settled or claims or fanned)
+
+    def _settle_fan_out_and_claim(self, settled: list[Settled], free: int) -> tuple[int, list[Claim]]:
+        """Steps 5, 2 and 3 in one transaction: each commit costs a sync to disk, and a turn's are what bound how
+        many turns, and so events, a loop gets through in a second."""
+
+        def work(conn: Connection) -> tuple[int, list[Claim]]:
+            now = self.timing.clock()
+            deliveries.record(conn, self.sink.name, self.holder, settled, now)
+            fanned = deliveries.fan_out(conn, self.sink.name, now)
+            if free <= 0:
+                return fanned, []
+            return fanned, deliveries.claim(conn, self.sink.name, self.holder, now, self.timing.lease, free)
+
+        return transaction(self.engine, work)
+
+    def _record(self, settled: list[Settled]) -> None:
+        transaction(
+            self.engine, lambda conn: deliveries.record(conn, self.sink.name, self.holder, settled, self.timing.clock())
+        )
+        self._observe(settled)
+
+    def _observe(self, settled: list[Settled]) -> None:
+        for result in settled:
+            self.observer.attempted(self.sink.name, "failed" if result.status == PENDING else result.status)
+            if result.status == DELIVERED:
+                since = (result.attempted_at - result.claim.outgoing.committed_at).total_seconds()
+                self.observer.delivered(self.sink.name, max(since, 0.0))
+
+    async def _send(self, claim: Claim) -> None:
+        try:
+            outcome = await self.sink.send(claim.outgoing)
+        except Exception as exc:  # a sink's bug must cost one attempt, not the loop
+            log.exception("forwarding to %s: the sink failed", self.sink.name)
+            outcome = Outcome(False, 0.0, error=f"{type(exc).__name__} in postcall's sink")
+        self._results.append(settle(claim, outcome, self.timing.clock(), self.timing.schedule))
+        self._in_flight -= 1
+        self._nudge.set()
+
+    async def _give_back(self) -> None:
+        """Stopping: write what came back, and give back the claims whose sends were cut short."""
+        settled, self._results = self._results, []
+        try:
+            if settled:
+                await anyio.to_thread.run_sync(self._record, settled)
+            await anyio.to_thread.run_sync(transaction, self.engine, lambda conn: deliveries.release(conn, self.holder))
+        except StoreUnavailable:
+            log.warning("forwarding to %s stopped with claims left to expire (database unavailable)", self.sink.name)
+
+
+class Dispatcher:
+    """Runs a loop per sink, and retention, until cancelled (`run`)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        sinks: Sequence[Sink],
+        *,
+        retention_seconds: float,
+        timing: Timing | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.engine = engine
+        self.sinks = list(sinks)
+        self.retention = timedelta(seconds=retention_seconds)
+        self.timing = timing or Timing()
+        self.holder = holder_name()
+        watcher = observer or _Unobserved()
+        self.loops = [SinkLoop(engine, sink, self.holder, self.timing, watcher) for sink in self.sinks]
+
+    def wake(self) -> None:
+        """Look for new events now rather than at the next poll (after a commit of our own)."""
+        for loop in self.loops:
+            loop.wake()
+
+    async def run(self) -> None:
+        names = [sink.name for sink in self.sinks]
+        while True:
+            try:
+                await anyio.to_thread.run_sync(
+                    transaction, self.engine, lambda conn: deliveries.ensure_sinks(conn, names)
+                )
+                break
+            except StoreUnavailable as exc:
+                log.warning("forwarding waits for the database: %s", exc)
+                await anyio.sleep(OUTAGE_PAUSE)
+        log.info("forwarding to %s", ", ".join(names))
+        try:
+            async with anyio.create_task_group() as group:
+                for loop in self.loops:
+                    group.start_soon(loop.run)
+                group.start_soon(self._retention)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sink in self.sinks:
+                    await sink.aclose()
+
+    async def _retention(self) -> None:
+        names = [sink.name for sink in self.sinks]
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.prune_once, names)
+            except StoreUnavailable as exc:
+                log.warning("event retention skipped: database unavailable (%s)", exc)
+            await anyio.sleep(self.timing.prune_every)
+
+    def prune_once(self, names: Sequence[str]) -> int:
+        """Delete delivered events older than the retention, in batches; how many."""
+        before = self.timing.clock() - self.retention
+        total = 0
+        while True:
+            gone = transaction(self.engine, lambda conn: deliveries.prune(conn, names, before, PRUNE_BATCH))
+            total += gone
+            if gone < PRUNE_BATCH:
+                break
+        if total:
+            log.info("event retention: %d delivered event(s) older than %s deleted", total, self.retention)
+        return total
