@@ -179,7 +179,7 @@ def test_each_format_holds_what_the_read_api_serves_in_start_order(
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == b""
     expected = [read_api(conversation_id) for conversation_id in ORDER]
-    if not fmt.detail:  # CSV: the list fields
+    if fmt is Format.CSV:  # the list fields
         expected = [{name: record[name] for name in RECORD_FIELDS} for record in expected]
     assert READERS[fmt](target.read_bytes()) == expected
     # The fixture reaches what the formats must survive: quoting, fractions of a second, audio, both JSON kinds.
@@ -223,11 +223,11 @@ def test_batches_continue_after_the_last_key_even_across_equal_start_times(engin
         ],
     )
     for batch_rows in (1, 2, 3, 4, 1000):
-        walked = query.batches(engine, Selection(), detail=False, batch_rows=batch_rows)
+        walked = query.batches(engine, Selection(), ["conversation_id"], batch_rows=batch_rows)
         sizes, got = [], []
-        for batch in walked:
+        for (batch,) in walked:
             sizes.append(len(batch))
-            got += [record["conversation_id"] for record in batch]
+            got += batch
         assert got == ids, batch_rows
         assert max(sizes) <= batch_rows
 
@@ -380,7 +380,8 @@ def test_parquet_row_groups_gather_batches_up_to_the_bound(monkeypatch: pytest.M
     out = io.BytesIO()
     writer = parquet.ParquetWriter(out)
     for n in range(5):
-        writer.write([{**record, "conversation_id": f"conv_{n}a"}, {**record, "conversation_id": f"conv_{n}b"}])
+        pair = [{**record, "conversation_id": f"conv_{n}a"}, {**record, "conversation_id": f"conv_{n}b"}]
+        writer.write([[one[name] for one in pair] for name in Format.PARQUET.fields])
     writer.close()
     metadata = pq.ParquetFile(io.BytesIO(out.getvalue())).metadata
     assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [4, 4, 2]
