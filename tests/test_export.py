@@ -33,6 +33,8 @@ from service.export.query import Selection
 from service.record import fields, payloads
 from service.record.fields import FIELDS, Kind
 from service.record.merge import Observation, Source
+from service.storage import db
+from service.storage.db import StoreUnavailable
 from service.testing.samples import SampleType, sample_event
 from service.web.app import create_app
 from tests.support import records
@@ -578,3 +580,23 @@ def test_each_format_is_byte_for_byte_the_read_apis_answers(engine: Engine, serv
     assert by_id["conv_wrong_shapes"]["dynamic_variables"] is None and by_id["conv_wrong_shapes"]["metadata"] is None
     assert b'"Zo\xc3\xab said ""no"", then:\r\nyes' in outputs[Format.CSV]
     assert b",22.0," in outputs[Format.CSV] and b",22," in outputs[Format.CSV] and b",1e+20," in outputs[Format.CSV]
+
+
+@pytest.mark.usefixtures("stored")
+def test_a_read_the_database_refuses_is_unavailable_not_a_crash(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows come from the driver's own cursor: its errors must still read as an outage (the CLI's exit 1,
+    `database unavailable`) as every other read's do, not as a bug's traceback. Here the lock timeout ends the
+    read while its connection stays healthy, so nothing else on the way out turns the error into SQLAlchemy's."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a lock timeout is PostgreSQL's")
+    monkeypatch.setattr(db, "PG_STATEMENT_TIMEOUT_MS", 100)  # the lock timeout too (storage/db.py)
+    impatient = db.create_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as holder, holder.begin():
+            holder.exec_driver_sql("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")  # as a migration would
+            with pytest.raises(StoreUnavailable, match="LockNotAvailable"):
+                list(query.batches(impatient, Selection(), ["conversation_id"]))
+    finally:
+        impatient.dispose()

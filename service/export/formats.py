@@ -14,7 +14,7 @@ import csv
 import io
 from enum import StrEnum
 from pathlib import PurePath
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS
 from service.api.routes import json_bytes
@@ -79,9 +79,8 @@ class JsonLinesWriter:
         self._values = columns.converters(self._names, columns.API_VALUE)
 
     def write(self, batch: Columns) -> None:
-        names = self._names
-        records: Any = zip(*columns.convert(batch, self._values), strict=True)
-        self._stream.write(b"".join(json_bytes(dict(zip(names, record, strict=True))) + b"\n" for record in records))
+        rows = zip(*columns.convert(batch, self._values), strict=True)
+        self._stream.write(b"".join(json_bytes(dict(zip(self._names, row, strict=True))) + b"\n" for row in rows))
 
     def close(self) -> None:
         self._stream.flush()

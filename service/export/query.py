@@ -23,11 +23,10 @@ writer together (tests/bench/export.py: 1.3 s per 100,000 rows, where the driver
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -40,7 +39,6 @@ BATCH_ROWS = 1000
 # One list per selected column, all of one length: what `batches` yields and the format writers take.
 Columns = list[Sequence[Any]]
 _Reader = Callable[[Any], Any] | None
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,28 +97,8 @@ def batches(
         rows = _streamed(engine, selection, columns, batch_rows)
     else:
         rows = _keyset(engine, selection, columns, batch_rows)
-    for batch in _one_ahead(rows):
+    for batch in rows:
         yield _read_columns(batch, readers)
-
-
-_END: Any = object()
-
-
-def _one_ahead(batches: Generator[T, None, None]) -> Iterator[T]:
-    """`batches`, each read on a thread of its own while the caller writes the one before.
-
-    Reading a batch is mostly waiting for the database to produce it (for PostgreSQL about as long as the driver
-    takes to parse it); the driver lets other threads run meanwhile, so converting and writing the previous batch
-    overlap that wait instead of following it. One batch ahead, no more: memory stays two batches.
-    """
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="postcall-export") as reader:
-            ahead = reader.submit(next, batches, _END)
-            while (batch := ahead.result()) is not _END:
-                ahead = reader.submit(next, batches, _END)
-                yield batch
-    finally:
-        batches.close()  # when the caller stops early: the cursor, the transaction and the connection end now
 
 
 def _read_columns(rows: Sequence[Sequence[Any]], readers: Sequence[_Reader]) -> Columns:
@@ -134,7 +112,7 @@ def _read_columns(rows: Sequence[Sequence[Any]], readers: Sequence[_Reader]) -> 
 
 def _streamed(
     engine: Engine, selection: Selection, columns: list[sa.Column[Any]], batch_rows: int
-) -> Generator[Sequence[Sequence[Any]], None, None]:
+) -> Iterator[Sequence[Sequence[Any]]]:
     start, conversation_id = conversations.c.start_time_unix_secs, conversations.c.conversation_id
     scans = [_dated(selection).order_by(start, conversation_id)]
     if selection.undated_included:
@@ -155,7 +133,7 @@ def _streamed(
 
 def _keyset(
     engine: Engine, selection: Selection, columns: list[sa.Column[Any]], batch_rows: int
-) -> Generator[Sequence[Sequence[Any]], None, None]:
+) -> Iterator[Sequence[Sequence[Any]]]:
     start, conversation_id = conversations.c.start_time_unix_secs, conversations.c.conversation_id
     # The key columns are read along, last, whatever the record's columns are (zip leaves them out of `columns`).
     selected = [*columns, start.label("_start"), conversation_id.label("_id")]

@@ -11,7 +11,7 @@ order to a file the same way: with the CSV's columns (the list fields) for CSV, 
 and Parquet. The ratio is psql's time over the export's: 1.0 would be as fast as psql. Each child's CPU time (user
 + system) is printed beside its wall time: on a shared machine the wall time also counts waiting for a core.
 
-`--stages` adds where a CSV export's CPU goes, measured in this process over the same rows (best of `--runs`):
+`--stages` adds where a CSV export's CPU goes over the same rows (best of `--runs`), each in a process of its own:
 the driver's fetch alone, then each stage added in turn, and the start-up of an export that writes nothing.
 """
 
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,68 +139,59 @@ def bench(count: int, formats: list[Format], runs: int, with_stages: bool, tmp: 
             print_stages(url, count, runs, tmp)
 
 
-def _cpu(work: Callable[[], object], runs: int) -> float:
-    """The least CPU time (every thread of this process) `work` took in `runs` runs."""
-    best = float("inf")
-    for _ in range(runs):
-        started = time.process_time()
-        work()
-        best = min(best, time.process_time() - started)
-    return best
+STAGES = ("fetch", "read", "convert", "write")
+_STAGE_LABELS = {
+    "fetch": "psycopg's fetch alone",
+    "read": "+ column types (batches)",
+    "convert": "+ CSV cells (columns)",
+    "write": "+ csv writer (export)",
+}
 
 
-def print_stages(url: str, count: int, runs: int, tmp: Path) -> None:
-    """Where a CSV export's CPU goes: each line adds one stage to the one above it."""
+def run_stage(stage: str, url: str) -> float:
+    """The CPU time (every thread of this process) of a CSV export cut after `stage`, its imports left out."""
     engine = create_engine(url)
     names = Format.CSV.fields
     cells = columns.converters(names, columns.TEXT_VALUE)
-    listed = ", ".join(f'"{name}"' for name in names)
-    sql = f"SELECT {listed} FROM conversation ORDER BY start_time_unix_secs, conversation_id"
-
-    def fetch() -> None:
+    started = time.process_time()
+    if stage == "fetch":
+        listed = ", ".join(f'"{name}"' for name in names)
         raw = engine.raw_connection()
         try:
             cursor = raw.driver_connection.cursor(name="bench")  # type: ignore[union-attr]
-            cursor.execute(sql)
+            cursor.execute(f"SELECT {listed} FROM conversation ORDER BY start_time_unix_secs, conversation_id")
             while cursor.fetchmany(query.BATCH_ROWS):
                 pass
             cursor.close()
             raw.commit()
         finally:
             raw.close()
-
-    def read() -> None:
-        for _ in query.batches(engine, Selection(), names):
-            pass
-
-    def convert() -> None:
-        for batch in query.batches(engine, Selection(), names):
-            columns.convert(batch, cells)
-
-    def write() -> None:
+    elif stage == "write":
         with open(os.devnull, "wb") as sink:
             command.export(engine, Selection(), Format.CSV, sink)
-
-    stages = [
-        ("psycopg's fetch alone", fetch),
-        ("+ column types (batches)", read),
-        ("+ CSV cells (columns)", convert),
-        ("+ csv writer (export)", write),
-    ]
-    print(f"CSV export's CPU, in this process, best of {runs} (each line adds a stage to the one above):")
-    for label, work in stages:
-        seconds = _cpu(work, runs)
-        print(f"  {label:28s} {seconds:7.2f} s {seconds / count * 1e6:7.2f} us/row")
+    else:
+        for batch in query.batches(engine, Selection(), names):
+            if stage == "convert":
+                columns.convert(batch, cells)
+    seconds = time.process_time() - started
     engine.dispose()
-    empty = min(
-        timed_child(
-            [sys.executable, "-m", "service", "export", "--format", "csv", "--until", "1"],
-            tmp / "empty.csv",
-            _export_env(url),
-        ).cpu_seconds
-        for _ in range(runs)
-    )
-    print(f"  {'start-up (empty export, child)':28s} {empty:7.2f} s")
+    return seconds
+
+
+def print_stages(url: str, count: int, runs: int, tmp: Path) -> None:
+    """Where a CSV export's CPU goes: each stage in a fresh process, as an export runs (in this big one, the same
+    work measured 30% more CPU), each line adding one stage to the one above; the least of `runs`."""
+    print(f"CSV export's CPU, best of {runs}, each line adding a stage to the one above:")
+    env = _export_env(url)
+    for stage in STAGES:
+        command = [sys.executable, "-m", "tests.bench.export", "--stage", stage]
+        seconds = min(
+            float(subprocess.run(command, env=env, check=True, capture_output=True).stdout) for _ in range(runs)
+        )
+        print(f"  {_STAGE_LABELS[stage]:28s} {seconds:7.2f} s {seconds / count * 1e6:7.2f} us/row")
+    empty = [sys.executable, "-m", "service", "export", "--format", "csv", "--until", "1"]
+    startup = min(timed_child(empty, tmp / "empty.csv", env).cpu_seconds for _ in range(runs))
+    print(f"  {'start-up (empty export)':28s} {startup:7.2f} s")
 
 
 def main() -> None:
@@ -210,7 +200,11 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(f.value for f in Format))
     parser.add_argument("--runs", type=int, default=1, help="rounds of psql and every format, on the same rows")
     parser.add_argument("--stages", action="store_true", help="also where a CSV export's CPU goes, stage by stage")
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one of them, in the child it runs in
     args = parser.parse_args()
+    if args.stage is not None:
+        print(run_stage(args.stage, os.environ["POSTCALL_DATABASE_URL"]))
+        return
     formats = [Format(name) for name in args.formats.split(",")]
     with tempfile.TemporaryDirectory(prefix="postcall-bench-export-") as tmp:
         bench(args.count, formats, args.runs, args.stages, Path(tmp))
