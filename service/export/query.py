@@ -8,8 +8,12 @@ index, so no dialect's NULL-ordering rule decides where they go.
 
 How the rows are read differs by dialect, for the same reason in both: the export may take minutes and must not
 hold up the webhook receiver.
-- PostgreSQL: one server-side cursor per scan, fetched `batch_rows` at a time, inside one read-only REPEATABLE READ
-  transaction so both scans see one snapshot. Readers never block writers there.
+- PostgreSQL: one `COPY (SELECT …) TO STDOUT (FORMAT BINARY)` per scan, read `batch_rows` rows at a time, inside
+  one read-only REPEATABLE READ transaction so both scans see one snapshot. Readers never block writers there.
+  COPY rather than a server-side cursor: the server streams the rows while we convert them, where a cursor waits
+  for a round trip per batch; on the shared 2 cores that was 54-57 s against 32-40 s for 1,000,000 rows (CSV),
+  for 2.5 s more CPU (the driver parses COPY's rows more slowly). Its values are the driver's binary loaders', the
+  same Python values as a cursor's, and psycopg binds the parameters into the statement, quoted.
 - SQLite: every transaction of this engine takes the write lock (`BEGIN IMMEDIATE`, storage/db.py), so one long
   read would hold off every webhook for the whole export. Instead each batch is its own short transaction that
   continues after the last key read (keyset). A record whose start time changes between two batches can move
@@ -26,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import sqlalchemy as sa
@@ -123,12 +128,18 @@ def _streamed(
             _without_statement_timeout(conn)
             driver = conn.connection.dbapi_connection
             assert driver is not None  # a connection checked out of the pool has one
-            for number, scan in enumerate(scans):
+            for scan in scans:
                 sql, parameters = _driver_sql(scan.with_only_columns(*columns), engine.dialect)
-                with _wrapped_errors(engine.dialect, sql), closing(driver.cursor(name=f"postcall_{number}")) as cursor:
-                    cursor.execute(sql, parameters)
-                    while batch := cursor.fetchmany(batch_rows):
-                        yield batch
+                with _wrapped_errors(engine.dialect, sql), closing(driver.cursor()) as cursor:
+                    # COPY's binary rows carry no types: the columns' come from the same query, planned, not run.
+                    cursor.execute(f"{sql} LIMIT 0", parameters)
+                    types = [column[1] for column in cursor.description or ()]  # DB-API: (name, type_code, …)
+                    copying = f"COPY ({sql}) TO STDOUT (FORMAT BINARY)"
+                    with cursor.copy(copying, parameters) as copy:
+                        copy.set_types(types)
+                        rows = copy.rows()
+                        while batch := list(islice(rows, batch_rows)):
+                            yield batch
 
 
 def _keyset(
