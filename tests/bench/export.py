@@ -161,6 +161,7 @@ def run_stage(stage: str, url: str) -> float:
         raw = engine.raw_connection()
         try:
             cursor = raw.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute("SET statement_timeout = 0")  # as the export does: the service's 10 s is for requests
             cursor.execute(f"{sql} LIMIT 0")
             types = [column[1] for column in cursor.description]
             with cursor.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
