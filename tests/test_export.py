@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,11 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from service.api.reads import conversations
+from service.api.routes import json_bytes
 from service.config import Settings
 from service.export import parquet, query
 from service.export.command import Destination, ExportUsageError, export, parse_selection
@@ -31,6 +34,8 @@ from service.record import fields, payloads
 from service.record.fields import FIELDS, Kind
 from service.record.merge import Observation, Source
 from service.record.public import DETAIL_FIELDS, RECORD_FIELDS, iso
+from service.storage import db
+from service.storage.db import StoreUnavailable
 from service.testing.samples import SampleType, sample_event
 from service.web.app import create_app
 from tests.support import records
@@ -177,7 +182,7 @@ def test_each_format_holds_what_the_read_api_serves_in_start_order(
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == b""
     expected = [read_api(conversation_id) for conversation_id in ORDER]
-    if not fmt.detail:  # CSV: the list fields
+    if fmt is Format.CSV:  # the list fields
         expected = [{name: record[name] for name in RECORD_FIELDS} for record in expected]
     assert READERS[fmt](target.read_bytes()) == expected
     # The fixture reaches what the formats must survive: quoting, fractions of a second, audio, both JSON kinds.
@@ -221,11 +226,11 @@ def test_batches_continue_after_the_last_key_even_across_equal_start_times(engin
         ],
     )
     for batch_rows in (1, 2, 3, 4, 1000):
-        walked = query.batches(engine, Selection(), detail=False, batch_rows=batch_rows)
+        walked = query.batches(engine, Selection(), ["conversation_id"], batch_rows=batch_rows)
         sizes, got = [], []
-        for batch in walked:
+        for (batch,) in walked:
             sizes.append(len(batch))
-            got += [record["conversation_id"] for record in batch]
+            got += batch
         assert got == ids, batch_rows
         assert max(sizes) <= batch_rows
 
@@ -378,7 +383,8 @@ def test_parquet_row_groups_gather_batches_up_to_the_bound(monkeypatch: pytest.M
     out = io.BytesIO()
     writer = parquet.ParquetWriter(out)
     for n in range(5):
-        writer.write([{**record, "conversation_id": f"conv_{n}a"}, {**record, "conversation_id": f"conv_{n}b"}])
+        pair = [{**record, "conversation_id": f"conv_{n}a"}, {**record, "conversation_id": f"conv_{n}b"}]
+        writer.write([[one[name] for one in pair] for name in Format.PARQUET.fields])
     writer.close()
     metadata = pq.ParquetFile(io.BytesIO(out.getvalue())).metadata
     assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [4, 4, 2]
@@ -419,3 +425,179 @@ def test_memory_stays_flat_from_2000_to_20000_conversations(engine: Engine, monk
     # records is the peak in both, so the margin (3x) is wide and still far below 10x.
     for fmt in Format:
         assert large[fmt] < 3 * small[fmt], (fmt, small[fmt], large[fmt])
+
+
+# Byte for byte: rewrites of the export for speed must leave each format's bytes as they were. The reference is the
+# read API's own answers (the bodies as served, over HTTP), written out as each format is documented, on records
+# that hold the awkward values a column can: quoting, \n and \r\n, unicode, empty text, integers and floats in the
+# one NUMBER column, JSON of the wrong shape (served as null), nested JSON, numbers beyond 64 bits, instants stored
+# from another time zone, with and without microseconds, no start time.
+
+AWKWARD_TEXT = 'Zoë said "no", then:\r\nyes — ça va, 👍'
+
+
+def awkward_rows() -> list[dict[str, Any]]:
+    """Rows of `conversation` as they are stored, written directly: some values no source would send."""
+    base: dict[str, Any] = {field.name: field.default for field in FIELDS}
+    base |= {"first_seen_via": "webhook", "first_seen_at": RECEIVED, "updated_at": RECEIVED, "data_rank": 35}
+    awkward = {
+        "conversation_id": "conv_awkward",
+        "agent_id": "agent, with comma",
+        "agent_name": AWKWARD_TEXT,
+        "status": "done",
+        "user_id": "line one\nline two",
+        "branch_id": '"',
+        "version_id": "\\.",  # alone on a line: the end-of-data marker of PostgreSQL's COPY
+        "environment": " leading and trailing space ",
+        "start_time_unix_secs": T0,
+        "call_duration_secs": 22.5,
+        "call_successful": "success",
+        "call_summary_title": "",
+        "transcript_summary": "tab\there; 'single'",
+        "termination_reason": "中文 and עברית",
+        "phone_number": "+33 1 23 45 67 89",
+        "direction": "inbound",
+        "dynamic_variables": {
+            "n": 7,
+            "f": 1.0,
+            "u64": 18_446_744_073_709_551_615,
+            "nested": {"list": [1, "two", None, True, {"deep": [1.5e-07]}]},
+            "text": 'a,b\n"c"',
+            "é": "ü 👍",
+        },
+        "labels": {"room": "r-9", "empty": ""},
+        "has_audio": True,
+        "has_user_audio": False,
+        "audio_stored": True,
+        "webhook_received_at": RECEIVED,
+        "audio_received_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "reconciled_at": datetime(2026, 1, 2, 5, 4, 5, 7, tzinfo=timezone(timedelta(hours=2))),
+        "complete": True,
+        "revision": 2**40,
+        "transcript": [{"role": "agent", "message": AWKWARD_TEXT, "time_in_call_secs": 0}, {}],
+        "analysis": {"data_collection_results": {"slot": {"value": None}}, "score": 0.1 + 0.2},
+        "metadata": {"start_time_unix_secs": T0, "cost": 1e20, "neg": -0.0},
+        "conversation_initiation_client_data": {},
+    }
+    wrong_shapes = {
+        "conversation_id": "conv_wrong_shapes",
+        "start_time_unix_secs": T0,  # the same start: the tie goes by id
+        "call_duration_secs": 22,
+        "dynamic_variables": ["not", "an", "object"],
+        "labels": "a JSON string",
+        "transcript": {"not": "a list"},
+        "analysis": [1, 2],
+        "metadata": "5",  # a JSON number alone would not read back on SQLite: its NUMERIC affinity stores 5
+        "has_audio": False,
+    }
+    return [
+        base | awkward,
+        base | wrong_shapes,
+        base | {"conversation_id": "conv_c", "start_time_unix_secs": 0, "call_duration_secs": 22.0, "labels": {}},
+        base | {"conversation_id": "conv_d", "start_time_unix_secs": -1, "call_duration_secs": 1e-07},
+        base | {"conversation_id": "conv_e", "start_time_unix_secs": 2**40, "call_duration_secs": 1e20},
+        base | {"conversation_id": "conv_undated", "call_duration_secs": 0, "transcript": []},
+    ]
+
+
+AWKWARD_ORDER = ["conv_d", "conv_c", "conv_awkward", "conv_wrong_shapes", "conv_e", "conv_undated"]
+
+
+# JSON text no writer of postcall would produce (the serializer refuses integers beyond 64 bits), as another tool or
+# an older version may have stored it: read back through orjson, the first number is a float, the second is 1.1.
+RAW_JSON = '{"beyond_64_bits": 123456789012345678901234567890, "trailing_zero": 1.10}'
+
+
+@pytest.fixture
+def awkward(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(conversations), awkward_rows())
+        raw = "CAST(:raw AS jsonb)" if conn.dialect.name == "postgresql" else ":raw"
+        update = f"UPDATE conversation SET metadata = {raw} WHERE conversation_id = 'conv_d'"
+        conn.execute(sa.text(update), {"raw": RAW_JSON})
+
+
+@pytest.fixture
+def served(settings: Settings, engine: Engine) -> dict[str, bytes]:
+    """GET /v1/conversations/{id}'s body, as the real app serves it over HTTP, for each awkward record."""
+    with live_server(create_app(settings, engine=engine)) as base, httpx.Client(base_url=base, headers=AUTH) as http:
+        answers = {
+            conversation_id: http.get(f"/v1/conversations/{conversation_id}") for conversation_id in AWKWARD_ORDER
+        }
+    assert all(answer.status_code == 200 for answer in answers.values())
+    return {conversation_id: answer.content for conversation_id, answer in answers.items()}
+
+
+def expected_csv(records: list[dict[str, Any]]) -> bytes:
+    """The list fields as documented: a header row; absent is empty, booleans true/false, objects the API's JSON."""
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, dict | list):
+            return json_bytes(value).decode()
+        return value
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(RECORD_FIELDS)
+    writer.writerows([cell(record[name]) for name in RECORD_FIELDS] for record in records)
+    return text.getvalue().encode()
+
+
+def expected_parquet(records: list[dict[str, Any]]) -> pa.Table:
+    """Every field typed by its kind: JSON as the API's JSON text, timestamps the API's instants."""
+    schema = parquet.parquet_schema()
+    columns = []
+    for field in schema:
+        values = [record[field.name] for record in records]
+        if fields.BY_NAME[field.name].is_json:
+            values = [None if value is None else json_bytes(value).decode() for value in values]
+        if field.type == pa.timestamp("us", tz="UTC"):
+            values = [None if value is None else datetime.fromisoformat(value) for value in values]
+        columns.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@pytest.mark.usefixtures("awkward")
+def test_each_format_is_byte_for_byte_the_read_apis_answers(engine: Engine, served: dict[str, bytes]) -> None:
+    outputs = {}
+    for fmt in Format:
+        out = io.BytesIO()
+        assert export(engine, Selection(), fmt, out) == len(AWKWARD_ORDER)
+        outputs[fmt] = out.getvalue()
+    # JSON lines: each line is exactly the body GET /v1/conversations/{id} answers.
+    assert outputs[Format.JSONL] == b"".join(served[conversation_id] + b"\n" for conversation_id in AWKWARD_ORDER)
+    records = [json.loads(served[conversation_id]) for conversation_id in AWKWARD_ORDER]
+    assert outputs[Format.CSV] == expected_csv(records)
+    table = pq.read_table(io.BytesIO(outputs[Format.PARQUET]))
+    assert table.schema == parquet.parquet_schema()
+    assert table.equals(expected_parquet(records))
+    # The rows reach what they are there for.
+    by_id = dict(zip(AWKWARD_ORDER, records, strict=True))
+    assert by_id["conv_awkward"]["reconciled_at"] == "2026-01-02T03:04:05.000007Z"
+    assert by_id["conv_d"]["metadata"] == {"beyond_64_bits": 1.2345678901234568e29, "trailing_zero": 1.1}
+    assert [by_id[name]["call_duration_secs"] for name in ("conv_c", "conv_wrong_shapes")] == [22.0, 22]
+    assert by_id["conv_wrong_shapes"]["dynamic_variables"] is None and by_id["conv_wrong_shapes"]["metadata"] is None
+    assert b'"Zo\xc3\xab said ""no"", then:\r\nyes' in outputs[Format.CSV]
+    assert b",22.0," in outputs[Format.CSV] and b",22," in outputs[Format.CSV] and b",1e+20," in outputs[Format.CSV]
+
+
+@pytest.mark.usefixtures("stored")
+def test_a_read_the_database_refuses_is_unavailable_not_a_crash(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows come from the driver's own cursor: its errors must still read as an outage (the CLI's exit 1,
+    `database unavailable`) as every other read's do, not as a bug's traceback. Here the lock timeout ends the
+    read while its connection stays healthy, so nothing else on the way out turns the error into SQLAlchemy's."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a lock timeout is PostgreSQL's")
+    monkeypatch.setattr(db, "PG_STATEMENT_TIMEOUT_MS", 100)  # the lock timeout too (storage/db.py)
+    impatient = db.create_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as holder, holder.begin():
+            holder.exec_driver_sql("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")  # as a migration would
+            with pytest.raises(StoreUnavailable, match="LockNotAvailable"):
+                list(query.batches(impatient, Selection(), ["conversation_id"]))
+    finally:
+        impatient.dispose()

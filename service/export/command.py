@@ -97,11 +97,12 @@ def export(
     """Write every record of `selection` to `stream` in `fmt`; returns how many."""
     writer = open_writer(fmt, stream)
     written = 0
-    for batch in query.batches(engine, selection, detail=fmt.detail):
+    for batch in query.batches(engine, selection, fmt.fields):
         writer.write(batch)
-        written += len(batch)
+        rows = len(batch[0])
+        written += rows
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(rows)
     writer.close()
     return written
 

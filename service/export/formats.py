@@ -1,5 +1,6 @@
-"""The export's file formats: each writer takes batches of records as the read API serves them (api/reads.py's
-`public_record`) and writes them to a binary stream. Apart from that stream, pure.
+"""The export's file formats: each writer takes batches of columns as the export reads them (export/query.py),
+turns each column into what the format writes (export/columns.py), and writes to a binary stream. Apart from that
+stream, pure. Every format holds what the read API serves:
 
 - JSON lines: one record per line, each exactly the JSON of `GET /v1/conversations/{id}` (the API's own encoder).
 - CSV: the list fields (those of `GET /v1/conversations`), a header row of their names. An absent value is an empty
@@ -11,18 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-import operator
-from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import PurePath
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from service.api.routes import json_bytes
-from service.record import fields
-from service.record.fields import Kind
-from service.record.public import RECORD_FIELDS
-
-Record = dict[str, Any]
+from service.export import columns
+from service.export.query import Columns
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS
 
 
 class Format(StrEnum):
@@ -31,9 +28,9 @@ class Format(StrEnum):
     PARQUET = "parquet"
 
     @property
-    def detail(self) -> bool:
-        """Whether its records carry transcript, analysis and metadata (else only the list fields)."""
-        return self is not Format.CSV
+    def fields(self) -> tuple[str, ...]:
+        """Its columns: every field of `GET /v1/conversations/{id}`, but for CSV only the list fields."""
+        return RECORD_FIELDS if self is Format.CSV else (*RECORD_FIELDS, *DETAIL_FIELDS)
 
 
 class FormatError(ValueError):
@@ -57,7 +54,8 @@ def choose_format(name: str | None, output: str | None) -> Format:
 
 
 class Writer(Protocol):
-    def write(self, batch: Sequence[Record]) -> None: ...
+    def write(self, batch: Columns) -> None:
+        """One batch: a column per field of its format, in `Format.fields`' order."""
 
     def close(self) -> None:
         """Finish the output (a footer, buffered text); the stream itself stays open, for its owner to close."""
@@ -77,45 +75,27 @@ def open_writer(fmt: Format, stream: BinaryIO) -> Writer:
 class JsonLinesWriter:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
+        self._names = Format.JSONL.fields
+        self._values = columns.converters(self._names, columns.API_VALUE)
 
-    def write(self, batch: Sequence[Record]) -> None:
-        self._stream.write(b"".join(json_bytes(record) + b"\n" for record in batch))
+    def write(self, batch: Columns) -> None:
+        rows = zip(*columns.convert(batch, self._values), strict=True)
+        self._stream.write(b"".join(json_bytes(dict(zip(self._names, row, strict=True))) + b"\n" for row in rows))
 
     def close(self) -> None:
         self._stream.flush()
-
-
-def _csv_boolean(value: Any) -> Any:
-    return value if value is None else ("true" if value else "false")
-
-
-def json_text(value: Any) -> Any:
-    """An object or list as the API's JSON, as text; None stays None."""
-    return value if value is None else json_bytes(value).decode()
-
-
-# A field's CSV text, for the fields whose Python value would not already be written as users expect.
-_CSV_CELL: dict[Kind, Callable[[Any], Any]] = {
-    Kind.BOOLEAN: _csv_boolean,
-    Kind.OBJECT: json_text,
-    Kind.LIST: json_text,
-}
 
 
 class CsvWriter:
     def __init__(self, stream: BinaryIO) -> None:
         self._text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
         self._csv = csv.writer(self._text, lineterminator="\n")
-        self._csv.writerow(RECORD_FIELDS)
-        kinds = {name: fields.BY_NAME[name].kind for name in RECORD_FIELDS}
-        self._converted = [(name, _CSV_CELL[kind]) for name, kind in kinds.items() if kind in _CSV_CELL]
-        self._row = operator.itemgetter(*RECORD_FIELDS)
+        self._csv.writerow(Format.CSV.fields)
+        self._cells = columns.converters(Format.CSV.fields, columns.TEXT_VALUE)
 
-    def write(self, batch: Sequence[Record]) -> None:
-        for record in batch:  # the batch's records are this export's own: converted in place, then read once
-            for name, convert in self._converted:
-                record[name] = convert(record[name])
-        self._csv.writerows(map(self._row, batch))
+    def write(self, batch: Columns) -> None:
+        # None is an empty field, numbers are written as str() writes them: the csv module's own rules.
+        self._csv.writerows(zip(*columns.convert(batch, self._cells), strict=True))
 
     def close(self) -> None:
         self._text.flush()

@@ -6,7 +6,7 @@
   Both bounds are constants, so memory stays flat; readers also prefer row groups of this size.
 
 - Timestamps are Parquet timestamps (UTC, microseconds): the same instants the API writes as ISO-8601, typed so
-  that a query can compare them.
+  that a query can compare them. Arrow takes them as the column type reads them, timezone-aware datetimes.
 - Transcript, analysis, metadata, dynamic variables and labels are JSON text, not nested types. Their content is
   ElevenLabs' free-form JSON: a struct inferred from one batch (its keys, their types) would differ from the next
   batch's, while a file has one schema, and a struct fixed in advance would drop whatever ElevenLabs adds. JSON
@@ -15,17 +15,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from service.export.formats import Record, json_text
+from service.export import columns
+from service.export.formats import Format
+from service.export.query import Columns
 from service.record import fields
 from service.record.fields import Kind
-from service.record.public import DETAIL_FIELDS, RECORD_FIELDS
+
+_JSON = (Kind.OBJECT, Kind.LIST)
 
 ROW_GROUP_BYTES = 32 * 2**20
 ROW_GROUP_ROWS = 64 * 1024
@@ -56,7 +57,7 @@ def parquet_schema() -> pa.Schema:
     return pa.schema(
         [
             pa.field(name, _ARROW_TYPES[fields.BY_NAME[name].kind], nullable=fields.BY_NAME[name].nullable)
-            for name in (*RECORD_FIELDS, *DETAIL_FIELDS)
+            for name in Format.PARQUET.fields
         ]
     )
 
@@ -70,15 +71,16 @@ class ParquetWriter:
             stream, self._schema, compression="zstd", write_statistics=list(_WITH_STATISTICS)
         )
 
+        # JSON as the API's text; every other kind as the column type reads it, which Arrow takes as it is.
+        self._values = columns.converters(Format.PARQUET.fields, {kind: columns.TEXT_VALUE[kind] for kind in _JSON})
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._pending_bytes = 0
 
-    def write(self, batch: Sequence[Record]) -> None:
-        if not batch:
-            return
-        columns = [_arrow_column(field, [record[field.name] for record in batch]) for field in self._schema]
-        table = pa.Table.from_arrays(columns, schema=self._schema)
+    def write(self, batch: Columns) -> None:
+        values = columns.convert(batch, self._values)
+        arrays = [pa.array(column, type=field.type) for column, field in zip(values, self._schema, strict=True)]
+        table = pa.Table.from_arrays(arrays, schema=self._schema)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self._pending_bytes += table.nbytes
@@ -94,13 +96,3 @@ class ParquetWriter:
         if self._pending:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self._pending_rows)
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
-
-
-def _arrow_column(field: pa.Field, values: list[Any]) -> pa.Array:
-    entry = fields.BY_NAME[field.name]
-    if entry.is_json:
-        return pa.array([json_text(value) for value in values], type=pa.string())
-    if entry.kind is Kind.TIMESTAMP:
-        # The record holds the API's ISO-8601 text (api/reads.py writes it); Arrow reads it back to the same instant.
-        return pc.cast(pa.array(values, type=pa.string()), field.type)
-    return pa.array(values, type=field.type)

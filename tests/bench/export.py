@@ -1,14 +1,18 @@
 """Export benchmark: N conversations in PostgreSQL, `postcall export` in each format against `psql \\copy` of the
 same rows and columns, in the same run.
 
-    uv run python -m tests.bench.export [--count 1000000] [--formats jsonl,csv,parquet] [--runs 1]
+    uv run python -m tests.bench.export [--count 1000000] [--formats jsonl,csv,parquet] [--runs 1] [--stages]
 
 The rows are loaded with COPY by tests/bench/read_api.py's loader (its shape is what record.store stores; 1% have
 no start time). Each export runs as `python -m service export --format F` in a child process of its own, writing to
 standard output redirected to a file, exactly as a user would pipe it; its peak RSS is the child's own high-water
 mark (wait4). `psql -c "\\copy (SELECT <columns> …) TO STDOUT (FORMAT csv)"` writes the same rows in the same
 order to a file the same way: with the CSV's columns (the list fields) for CSV, and with every field for JSON lines
-and Parquet. The ratio is psql's time over the export's: 1.0 would be as fast as psql.
+and Parquet. The ratio is psql's time over the export's: 1.0 would be as fast as psql. Each child's CPU time (user
++ system) is printed beside its wall time: on a shared machine the wall time also counts waiting for a core.
+
+`--stages` adds where a CSV export's CPU goes over the same rows (best of `--runs`), each in a process of its own:
+the driver's fetch alone, then each stage added in turn, and the start-up of an export that writes nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from service.api.reads import DETAIL_FIELDS, RECORD_FIELDS
+from service.export import columns, command, query
 from service.export.formats import Format
+from service.export.query import Selection
+from service.record.public import DETAIL_FIELDS, RECORD_FIELDS
 from service.storage.db import create_engine
 from service.storage.migrations import upgrade
 from tests.bench.read_api import load_postgresql, postgresql_database
@@ -36,15 +43,16 @@ class Run:
     seconds: float
     output_bytes: int
     peak_rss_bytes: int
+    cpu_seconds: float
 
 
 def timed_child(command: list[str], output: Path, env: dict[str, str]) -> Run:
-    """Run `command` with its standard output in `output`; its wall time and its own peak RSS.
+    """Run `command` with its standard output in `output`; its wall time, CPU time and its own peak RSS.
 
-    The peak comes from GNU time (`%M`, the child's ru_maxrss): the child of a process that forks from this big one
-    would inherit its high-water mark, so this process cannot read a child's peak from wait4 itself.
+    They come from GNU time (`%U %S %M`; the peak is the child's ru_maxrss): the child of a process that forks from
+    this big one would inherit its high-water mark, so this process cannot read a child's peak from wait4 itself.
     """
-    measured = ["/usr/bin/time", "-f", "peak_rss_kib=%M", *command]
+    measured = ["/usr/bin/time", "-f", "%U %S %M", *command]
     with output.open("wb") as sink:
         started = time.perf_counter()
         done = subprocess.run(measured, stdout=sink, stderr=subprocess.PIPE, env=env, check=False)
@@ -52,8 +60,8 @@ def timed_child(command: list[str], output: Path, env: dict[str, str]) -> Run:
     errors = done.stderr.decode(errors="replace")
     if done.returncode != 0:
         raise RuntimeError(f"{command[:4]} exited {done.returncode}: {errors}")
-    peak_kib = int(errors.strip().splitlines()[-1].removeprefix("peak_rss_kib="))
-    return Run(seconds, output.stat().st_size, peak_kib * 1024)
+    user, system, peak_kib = errors.strip().splitlines()[-1].split()
+    return Run(seconds, output.stat().st_size, int(peak_kib) * 1024, float(user) + float(system))
 
 
 def psql_copy(libpq_url: str, columns: tuple[str, ...], output: Path) -> Run:
@@ -97,13 +105,13 @@ def warm_up(database_url: str) -> None:
 def line(label: str, rows: int, run: Run, baseline: Run | None) -> str:
     ratio = f"{baseline.seconds / run.seconds:6.2f}x" if baseline is not None else "       "
     return (
-        f"  {label:26s} {run.seconds:8.1f} s {rows / run.seconds:11,.0f} rows/s"
+        f"  {label:26s} {run.seconds:8.1f} s {run.cpu_seconds:8.1f} s {rows / run.seconds:11,.0f} rows/s"
         f" {run.output_bytes / run.seconds / 1e6:8.1f} MB/s {run.output_bytes / 1e6:9.1f} MB"
         f" {run.peak_rss_bytes / 2**20:9.1f} MiB  {ratio}"
     )
 
 
-def bench(count: int, formats: list[Format], runs: int, tmp: Path) -> None:
+def bench(count: int, formats: list[Format], runs: int, with_stages: bool, tmp: Path) -> None:
     with postgresql_database() as url:
         engine = create_engine(url)
         upgrade(engine)
@@ -114,7 +122,10 @@ def bench(count: int, formats: list[Format], runs: int, tmp: Path) -> None:
         print(f"PostgreSQL: loaded {count:,} conversations in {time.perf_counter() - started:.0f} s")
         warm_up(url)
         libpq_url = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-        header = f"  {'':26s} {'time':>10s} {'rows/s':>18s} {'MB/s':>13s} {'size':>12s} {'peak RSS':>13s}  psql/export"
+        header = (
+            f"  {'':26s} {'time':>10s} {'CPU':>10s} {'rows/s':>18s} {'MB/s':>13s} {'size':>12s} {'peak RSS':>13s}"
+            "  psql/export"
+        )
         print(header)
         for _ in range(runs):
             listed = psql_copy(libpq_url, RECORD_FIELDS, tmp / "psql-list.csv")
@@ -125,6 +136,68 @@ def bench(count: int, formats: list[Format], runs: int, tmp: Path) -> None:
                 run = export(url, fmt, tmp / f"export.{fmt.value}")
                 baseline = listed if fmt is Format.CSV else whole
                 print(line(f"postcall export {fmt.value}", count, run, baseline))
+        if with_stages:
+            print_stages(url, count, runs, tmp)
+
+
+STAGES = ("fetch", "read", "convert", "write")
+_STAGE_LABELS = {
+    "fetch": "psycopg's COPY rows alone",
+    "read": "+ column types (batches)",
+    "convert": "+ CSV cells (columns)",
+    "write": "+ csv writer (export)",
+}
+
+
+def run_stage(stage: str, url: str) -> float:
+    """The CPU time (every thread of this process) of a CSV export cut after `stage`, its imports left out."""
+    engine = create_engine(url)
+    names = Format.CSV.fields
+    cells = columns.converters(names, columns.TEXT_VALUE)
+    started = time.process_time()
+    if stage == "fetch":  # as export/query.py reads PostgreSQL, without the column types
+        listed = ", ".join(f'"{name}"' for name in names)
+        sql = f"SELECT {listed} FROM conversation ORDER BY start_time_unix_secs, conversation_id"
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute("SET statement_timeout = 0")  # as the export does: the service's 10 s is for requests
+            cursor.execute(f"{sql} LIMIT 0")
+            types = [column[1] for column in cursor.description]
+            with cursor.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
+                copy.set_types(types)
+                rows = copy.rows()
+                while list(islice(rows, query.BATCH_ROWS)):
+                    pass
+            raw.commit()
+        finally:
+            raw.close()
+    elif stage == "write":
+        with open(os.devnull, "wb") as sink:
+            command.export(engine, Selection(), Format.CSV, sink)
+    else:
+        for batch in query.batches(engine, Selection(), names):
+            if stage == "convert":
+                columns.convert(batch, cells)
+    seconds = time.process_time() - started
+    engine.dispose()
+    return seconds
+
+
+def print_stages(url: str, count: int, runs: int, tmp: Path) -> None:
+    """Where a CSV export's CPU goes: each stage in a fresh process, as an export runs (in this big one, the same
+    work measured 30% more CPU), each line adding one stage to the one above; the least of `runs`."""
+    print(f"CSV export's CPU, best of {runs}, each line adding a stage to the one above:")
+    env = _export_env(url)
+    for stage in STAGES:
+        command = [sys.executable, "-m", "tests.bench.export", "--stage", stage]
+        seconds = min(
+            float(subprocess.run(command, env=env, check=True, capture_output=True).stdout) for _ in range(runs)
+        )
+        print(f"  {_STAGE_LABELS[stage]:28s} {seconds:7.2f} s {seconds / count * 1e6:7.2f} us/row")
+    empty = [sys.executable, "-m", "service", "export", "--format", "csv", "--until", "1"]
+    startup = min(timed_child(empty, tmp / "empty.csv", env).cpu_seconds for _ in range(runs))
+    print(f"  {'start-up (empty export)':28s} {startup:7.2f} s")
 
 
 def main() -> None:
@@ -132,10 +205,15 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--formats", default=",".join(f.value for f in Format))
     parser.add_argument("--runs", type=int, default=1, help="rounds of psql and every format, on the same rows")
+    parser.add_argument("--stages", action="store_true", help="also where a CSV export's CPU goes, stage by stage")
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one of them, in the child it runs in
     args = parser.parse_args()
+    if args.stage is not None:
+        print(run_stage(args.stage, os.environ["POSTCALL_DATABASE_URL"]))
+        return
     formats = [Format(name) for name in args.formats.split(",")]
     with tempfile.TemporaryDirectory(prefix="postcall-bench-export-") as tmp:
-        bench(args.count, formats, args.runs, Path(tmp))
+        bench(args.count, formats, args.runs, args.stages, Path(tmp))
 
 
 if __name__ == "__main__":
