@@ -13,8 +13,8 @@ start time changes while a client pages — an undated session record that later
 across the cursor; that is inherent to any keyset and harmless for "find my conversation" lookups.)
 
 A search (`q`) is one more condition, "the conversation's id is among those whose search entry holds every word"
-(search/index.py), so it keeps this order and these pages; the database chooses between walking the start index
-and reading the search index by how common the words are.
+(search/index.py), so it keeps this order and these pages; whether a page walks the start index or reads every
+match from the search index depends on how many conversations hold the words (search/index.py `matching`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
         return Page([], None)
     searched = SEARCHED_FIELDS if search is not None else ()
     columns = [conversations.c[name] for name in dict.fromkeys((*RECORD_FIELDS, *searched))]
-    where = _conditions(conn.dialect.name, wanted)
+    where = _conditions(conn, wanted)
     start, conversation_id = conversations.c.start_time_unix_secs, conversations.c.conversation_id
     after = wanted.after
     want = wanted.limit + 1  # one more than the page tells whether another page follows
@@ -85,7 +85,8 @@ def list_conversations(conn: Connection, wanted: ConversationFilter) -> Page:
     return Page(page, Cursor(last["start_time_unix_secs"], last["conversation_id"]))
 
 
-def _conditions(dialect: str, wanted: ConversationFilter) -> list[sa.ColumnElement[bool]]:
+def _conditions(conn: Connection, wanted: ConversationFilter) -> list[sa.ColumnElement[bool]]:
+    dialect = conn.dialect.name
     c = conversations.c
     where: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in wanted.equal.items()]
     if wanted.first_seen_via is not None:
@@ -97,7 +98,7 @@ def _conditions(dialect: str, wanted: ConversationFilter) -> list[sa.ColumnEleme
     where += [_json_match(dialect, c.dynamic_variables, match) for match in wanted.variables]
     where += [_json_match(dialect, c.labels, match) for match in wanted.labels]
     if wanted.search is not None:
-        where.append(search_index.matching(dialect, wanted.search))
+        where.append(search_index.matching(conn, wanted.search))
     return where
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import TSQUERY
+from sqlalchemy.dialects.postgresql import ARRAY, TSQUERY
 from sqlalchemy.engine import Connection
 
 from service.search.document import SOURCE_FIELDS, document, same_text
@@ -40,6 +40,12 @@ KEY_TABLE = "conversation_search"
 FTS_TABLE = "conversation_search_fts"
 TABLES = (KEY_TABLE, FTS_TABLE)
 REBUILD_BATCH = 1000
+# PostgreSQL: up to this many matches a search reads them all from the GIN index, above it walks the start-time
+# order (`matching`). The two cost the same where reading M matches equals walking limit * N / M conversations
+# to fill a page; measured at a million conversations and 50 a page (~190 µs a match, ~60 µs a conversation
+# walked, neither in shared buffers), about 4,000.
+FEW_MATCHES = 4000
+SAMPLE_ENTRIES = 1000  # how many entries `_estimated_matches` reads: at 1% they hold about 10 matches
 
 _entries = sa.table(KEY_TABLE, sa.column("conversation_id"), sa.column("id"), sa.column("document"))
 _fts = sa.table(FTS_TABLE, sa.column("rowid"))
@@ -49,6 +55,11 @@ _PG_UPSERT = sa.text(
     "SELECT id, array_to_tsvector(string_to_array(words, ' ')) "
     "FROM unnest(CAST(:ids AS text[]), CAST(:documents AS text[])) AS entry (id, words) "
     "ON CONFLICT (conversation_id) DO UPDATE SET document = EXCLUDED.document"
+)
+_PG_SAMPLE = sa.text(
+    "SELECT count(*), count(*) FILTER (WHERE document @@ CAST(:search_tsquery AS tsquery)),"  # noqa: S608 (constants)
+    f" (SELECT reltuples FROM pg_class WHERE oid = CAST('{KEY_TABLE}' AS regclass))"
+    f" FROM (SELECT document FROM {KEY_TABLE} LIMIT {SAMPLE_ENTRIES}) AS sample"
 )
 _SQLITE_NEW_KEY = f"INSERT INTO {KEY_TABLE} (conversation_id) VALUES (?) ON CONFLICT DO NOTHING"  # noqa: S608
 _SQLITE_INSERT = f"INSERT INTO {FTS_TABLE} (rowid, document) VALUES (?, ?)"  # noqa: S608
@@ -99,16 +110,45 @@ def _among(ids: Iterable[str]) -> sa.ColumnElement[bool]:
     return _entries.c.conversation_id.in_(list(ids))
 
 
-def matching(dialect: str, search: Search) -> sa.ColumnElement[bool]:
-    """A condition on `conversation`: its entry holds every word of `search` (which must `can_match`)."""
-    if dialect == "postgresql":
-        query = sa.cast(sa.bindparam("search_tsquery", search.tsquery()), TSQUERY)
-        found = sa.select(_entries.c.conversation_id).where(_entries.c.document.bool_op("@@")(query))
-    else:
+def matching(conn: Connection, search: Search) -> sa.ColumnElement[bool]:
+    """A condition on `conversation`: its entry holds every word of `search` (which must `can_match`).
+
+    On PostgreSQL this reads first (see below): a sample of the entries, then, when the words look rare, at most
+    FEW_MATCHES + 1 of them through the GIN index."""
+    if conn.dialect.name != "postgresql":
         fts_match = sa.text(f"{FTS_TABLE} MATCH :search_match").bindparams(search_match=search.fts5())
         rowids = sa.select(_fts.c.rowid).where(fts_match)
         found = sa.select(_entries.c.conversation_id).where(_entries.c.id.in_(rowids))
-    return conversations.c.conversation_id.in_(found)
+        return conversations.c.conversation_id.in_(found)
+    tsquery = search.tsquery()
+    holds = _entries.c.document.bool_op("@@")(sa.cast(sa.bindparam("search_tsquery", tsquery), TSQUERY))
+    # A page is newest first. For words in many conversations the fastest way to it is to walk the start-time
+    # index and check each conversation's entry until the page is full; for words in few, to read them all from
+    # the GIN index and sort them. Left to choose, PostgreSQL guesses how many hold a word from the tsvector
+    # statistics, which know only the most common few hundred words: any other is guessed at 0.5% of the table,
+    # so a rare word (or a misspelt one, in no conversation at all) walked the whole table (36 s at a million).
+    # So postcall counts, cheaply, and chooses.
+    if _estimated_matches(conn, tsquery) <= FEW_MATCHES:
+        few = list(conn.execute(sa.select(_entries.c.conversation_id).where(holds).limit(FEW_MATCHES + 1)).scalars())
+        if len(few) <= FEW_MATCHES:
+            # All of them: the page is these conversations, looked up by key and sorted.
+            ids = sa.bindparam("search_ids", few, type_=ARRAY(sa.String))
+            return conversations.c.conversation_id == sa.any_(ids)
+    # Many: a scalar subquery, evaluated per conversation in the page's order, is one PostgreSQL cannot turn into
+    # a join (where it would be free to read every match first).
+    entry = sa.select(holds).where(_entries.c.conversation_id == conversations.c.conversation_id)
+    return entry.scalar_subquery().is_(True)
+
+
+def _estimated_matches(conn: Connection, tsquery: str) -> float:
+    """How many entries hold the words, judged from the first SAMPLE_ENTRIES entries of the table and its size.
+
+    Counting the matches themselves would read a table page per match, a few thousand for a common word; the
+    sample is a few hundred pages whatever the words, and exact on a table smaller than it."""
+    read, matched, entries = (float(value) for value in conn.execute(_PG_SAMPLE, {"search_tsquery": tsquery}).one())
+    if read < SAMPLE_ENTRIES:
+        return matched
+    return matched / read * max(entries, read)  # reltuples: -1 until the table is first analysed
 
 
 def rebuild(conn: Connection, batch_size: int = REBUILD_BATCH, progress: Callable[[int], None] | None = None) -> int:

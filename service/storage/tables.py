@@ -79,6 +79,16 @@ class Conversation(SQLModel, table=True):
         sa.Index("ix_conversation_status_start", "status", "start_time_unix_secs", "conversation_id"),
         sa.Index("ix_conversation_phone_start", "phone_number", "start_time_unix_secs", "conversation_id"),
         sa.Index("ix_conversation_batch_start", "batch_call_id", "start_time_unix_secs", "conversation_id"),
+        # GET /v1/stats reads only this index: its window, agent and flags (migration 0011, api/stats.py).
+        sa.Index(
+            "ix_conversation_coverage",
+            "start_time_unix_secs",
+            "agent_id",
+            "webhook_received_at",
+            "reconciled_at",
+            "status",
+            "audio_stored",
+        ),
         sa.Index(
             "ix_conversation_dynamic_variables",
             "dynamic_variables",

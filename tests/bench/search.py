@@ -2,9 +2,13 @@
 first page of a common, a middling and a rare word, through the real query code (`service.api.reads`) and over HTTP.
 
     uv run python -m tests.bench.search [--rows 1000000] [--sqlite-rows 100000] [--runs 200] [--only postgresql|sqlite]
+        [--url postgresql+psycopg://…/a_database_this_script_loaded_before]
 
-Each database is migrated to 0007, loaded, then migrated to 0008, which builds the index from the stored records
+Each database is migrated to 0008, loaded, then migrated to 0009, which builds the index from the stored records
 exactly as it would for a user upgrading (search/index.py `rebuild`): that upgrade is the build time measured.
+Then both tables are vacuumed, as autovacuum would after such inserts (the pages' hint bits and visibility map
+set, so the timings are not those of the first reads after a bulk load). `--url` runs only the queries, against a
+PostgreSQL database loaded by an earlier run (the load and build of a million take ~15 minutes).
 PostgreSQL is loaded in SQL (INSERT … SELECT over generate_series, each transcript 20 messages drawn from a pool
 of 5,000 that Python made from a vocabulary of 3,000 words); SQLite with executemany from the same pool. The words:
 `common` is in ~30% of conversations, `middling` in ~1% (about where the planner switches from walking the start
@@ -181,8 +185,7 @@ def matches(engine: Engine, params: list[tuple[str, str]]) -> int:
             wanted = type(wanted)(**{**wanted.__dict__, "after": page.next_cursor})
 
 
-def bench(dialect: str, url: str, count: int, runs: int, data_dir: Path) -> None:
-    engine = create_engine(url)
+def load(dialect: str, engine: Engine, count: int) -> None:
     upgrade(engine, "0008")
     messages = pool()
     started = time.perf_counter()
@@ -192,9 +195,17 @@ def bench(dialect: str, url: str, count: int, runs: int, data_dir: Path) -> None
     upgrade(engine, "0009")
     print(f"  migration 0009 (index build) {time.perf_counter() - started:8.1f} s   {sizes(engine)}")
     if dialect == "postgresql":
-        with engine.connect() as conn:
-            conn.exec_driver_sql("ANALYZE conversation_search")
-            conn.commit()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM (ANALYZE) conversation, conversation_search")
+
+
+def bench(dialect: str, url: str, count: int, runs: int, data_dir: Path, loaded: bool = False) -> None:
+    engine = create_engine(url)
+    if loaded:
+        print(f"\n{dialect}: the database loaded before   {sizes(engine)}")
+    else:
+        load(dialect, engine, count)
+    print(f"  load average {' '.join(f'{value:.1f}' for value in os.getloadavg())} ({os.cpu_count()} cores)")
     for label, params in QUERIES.items():
         wanted = parse_filter(params)
 
@@ -226,13 +237,16 @@ def main() -> None:
     parser.add_argument("--sqlite-rows", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--only", choices=["postgresql", "sqlite"])
+    parser.add_argument("--url", help="PostgreSQL database loaded by an earlier run: run only the queries")
     args = parser.parse_args()
     print(f"search benchmark, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
     with tempfile.TemporaryDirectory(prefix="postcall-bench-") as tmp:
-        if args.only in (None, "postgresql"):
+        if args.url:
+            bench("postgresql", args.url, args.rows, args.runs, Path(tmp) / "pg-data", loaded=True)
+        elif args.only in (None, "postgresql"):
             with postgresql_database() as url:
                 bench("postgresql", url, args.rows, args.runs, Path(tmp) / "pg-data")
-        if args.only in (None, "sqlite"):
+        if args.only in (None, "sqlite") and not args.url:
             name = f"sqlite:///{tmp}/search-{uuid.uuid4().hex[:6]}.db"
             bench("sqlite", name, args.sqlite_rows, args.runs, Path(tmp) / "sqlite-data")
 
