@@ -103,13 +103,17 @@ class Settings(BaseSettings):
     @field_validator("forward_urls")
     @classmethod
     def _sink_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from service.forward.sinks import sink_name
+        from service.forward.sinks import MAX_SINK_NAME, sink_name
 
         names: set[str] = set()
         for url in value:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"{sink_name(url)!r} is not an http:// or https:// URL")
+            if len(sink_name(url)) > MAX_SINK_NAME:
+                raise ValueError(
+                    f"{sink_name(url)[:60]}… is longer than {MAX_SINK_NAME} characters without credentials and query"
+                )
             if sink_name(url) in names:
                 raise ValueError(f"{sink_name(url)} is given twice (credentials and query left aside)")
             names.add(sink_name(url))

@@ -167,3 +167,11 @@ def test_retention_and_nats_settings() -> None:
     ]:
         with pytest.raises(ConfigError, match=f"POSTCALL_{field.upper()}"):
             load_settings(_env_file=None, **{field: value})
+
+
+def test_an_endpoint_whose_name_cannot_key_a_row_is_refused_at_start() -> None:
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    fits = "https://hooks.example.com/" + "p" * 200 + "?token=" + "t" * 400  # the query is not part of the name
+    load_settings(_env_file=None, forward_urls=fits, forward_secret=secret)
+    with pytest.raises(ConfigError, match=r"^POSTCALL_FORWARD_URLS: .*longer than 256 characters"):
+        load_settings(_env_file=None, forward_urls="https://hooks.example.com/" + "p" * 240, forward_secret=secret)

@@ -30,7 +30,7 @@ UTC = service.storage.tables.UTCDateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "forward_sink",
-        sa.Column("sink", sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
+        sa.Column("sink", sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
         sa.Column("cursor", sa.BigInteger(), nullable=False),
         sa.Column("last_success_at", UTC, nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
@@ -41,7 +41,7 @@ def upgrade() -> None:
         "forward_delivery",
         sa.Column("id", BigId, nullable=False),
         sa.Column("event", BigId, nullable=False),
-        sa.Column("sink", sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
+        sa.Column("sink", sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
         sa.Column("conversation_id", sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
         sa.Column("revision", sa.BigInteger(), nullable=False),
         sa.Column("position", sa.BigInteger(), nullable=False),

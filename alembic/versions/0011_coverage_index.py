@@ -1,7 +1,7 @@
 """coverage index: GET /v1/stats and the console's coverage page read only an index
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-01 15:00:00
 
 The stats query (service/api/stats.py) counts the conversations started in a window of days, per agent and day,
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0009"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -12,6 +12,10 @@ from datetime import datetime
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+# The longest a sink's name may be: it keys rows and indexes (storage/tables.py), whose btree entries must fit
+# PostgreSQL's limit beside a conversation id.
+MAX_SINK_NAME = 256
+
 
 def sink_name(url: str) -> str:
     """`scheme://host[:port]/path` of a sink URL: no credentials, query or fragment."""

@@ -331,7 +331,7 @@ class ForwardSink(SQLModel, table=True):
 
     __tablename__ = "forward_sink"
 
-    sink: str = Field(primary_key=True, max_length=512)
+    sink: str = Field(primary_key=True, max_length=256)  # forward/sinks.py MAX_SINK_NAME
     cursor: int = Field(default=0, sa_type=sa.BigInteger)
     last_success_at: datetime | None = _time()
     last_error: str | None = Field(default=None, sa_type=sa.Text)
@@ -358,7 +358,7 @@ class ForwardDelivery(SQLModel, table=True):
     event: int = Field(
         sa_column=sa.Column(BigId, sa.ForeignKey("forward_event.id", ondelete="CASCADE"), nullable=False)
     )
-    sink: str = Field(max_length=512)
+    sink: str = Field(max_length=256)
     conversation_id: str = Field(max_length=256)
     revision: int = Field(sa_type=sa.BigInteger)
     position: int = Field(sa_type=sa.BigInteger)
