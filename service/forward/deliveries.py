@@ -267,6 +267,15 @@ def _head(sink: str, result: Settled) -> dict[str, Any]:
     return {"b_sink": sink, "b_conversation": result.claim.conversation_id, "b_position": result.claim.position}
 
 
+def unclaim(conn: Connection, holder: str, ids: Sequence[int]) -> None:
+    """Give back claims that were never sent (they waited too long for a connection): due again, no attempt."""
+    if ids:
+        d = deliveries.c
+        conn.execute(
+            sa.update(deliveries).where(d.id.in_(ids), d.claimed_by == holder).values(claimed_until=None, claimed_by=None)
+        )
+
+
 def release(conn: Connection, holder: str) -> int:
     """Give back the claims of a dispatcher that stops with sends unfinished: they are due again at once."""
     return int(

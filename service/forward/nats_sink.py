@@ -43,6 +43,7 @@ class NatsSink:
     def __init__(self, url: str, stream: str, *, concurrency: int = CONCURRENCY) -> None:
         self.name = sink_name(url)
         self.concurrency = concurrency
+        self.deadline = 2 * CONNECT_SECONDS + ACK_SECONDS  # a connection, then the ack
         self._url = url
         self._stream = stream
         self._client: Client | None = None

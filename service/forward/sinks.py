@@ -53,6 +53,7 @@ class Outcome:
 class Sink(Protocol):
     name: str
     concurrency: int  # sends in flight at once, at most
+    deadline: float  # seconds one send may take at most, connecting included: the claim's lease must cover it
 
     async def send(self, event: Outgoing) -> Outcome: ...
 

@@ -35,7 +35,7 @@ class WebhookSink:
         self.concurrency = concurrency
         self._url = url
         self._signer = signer
-        self._deadline = deadline
+        self.deadline = deadline
         self._clock = clock
         _hide_credentials(url)
         self._client = httpx.AsyncClient(
@@ -49,10 +49,10 @@ class WebhookSink:
         started = time.perf_counter()
         headers = self._signer.headers(event.event_id, event.body, self._clock())
         try:
-            with anyio.fail_after(self._deadline):
+            with anyio.fail_after(self.deadline):
                 answer = await self._client.post(self._url, content=event.body.encode(), headers=headers)
         except TimeoutError:
-            return Outcome(False, time.perf_counter() - started, error=f"no answer within {self._deadline:g} s")
+            return Outcome(False, time.perf_counter() - started, error=f"no answer within {self.deadline:g} s")
         except httpx.HTTPError as exc:
             return Outcome(False, time.perf_counter() - started, error=self._describe(exc))
         latency = time.perf_counter() - started
