@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from service.forward import feed
 from service.forward.sinks import Outgoing
 from service.storage.db import insert_ignoring_conflict
 from service.storage.tables import ForwardAttempt, ForwardDelivery, ForwardEvent, ForwardSink
@@ -229,11 +230,11 @@ def record(conn: Connection, sink: str, holder: str, results: Sequence[Settled],
             for r in results
         ],
     )
-    heads = [_head(sink, r) for r in results]
-    held = [
-        {**head, "b_until": r.next_attempt_at} for head, r in zip(heads, results, strict=True) if r.status == PENDING
-    ]
-    done = [{**head, "b_now": now} for head, r in zip(heads, results, strict=True) if r.status != PENDING]
+    # Only conversations with a later pending delivery need their followers held or released: most have none.
+    last = _last_pending(conn, sink, {r.claim.conversation_id for r in results})
+    followed = [r for r in results if last.get(r.claim.conversation_id, r.claim.position) > r.claim.position]
+    held = [{**_head(sink, r), "b_until": r.next_attempt_at} for r in followed if r.status == PENDING]
+    done = [{**_head(sink, r), "b_now": now} for r in followed if r.status != PENDING]
     if held:
         conn.execute(_HOLD, held)
     if done:
@@ -263,6 +264,38 @@ def record(conn: Connection, sink: str, holder: str, results: Sequence[Settled],
         conn.execute(sa.update(sinks).where(sinks.c.sink == sink).values(**news))
 
 
+def _last_pending(conn: Connection, sink: str, conversation_ids: set[str]) -> dict[str, int]:
+    """The feed position of each conversation's last pending delivery to `sink` (none: nothing pending)."""
+    d = deliveries.c
+    rows = conn.execute(
+        sa.select(d.conversation_id, sa.func.max(d.position))
+        .where(d.sink == sink, d.status == PENDING, d.conversation_id.in_(conversation_ids))
+        .group_by(d.conversation_id)
+    ).all()
+    return {conversation_id: position for conversation_id, position in rows}
+
+
+def waiting(conn: Connection, sink: str, now: datetime, claiming: bool) -> bool:
+    """Whether a dispatcher's turn for `sink` may find work: an event to number or to fan out, or (when it may
+    claim) a due delivery nobody holds. Only reads, so a loop can ask it often without taking SQLite's write
+    lock; it may say yes when a claim then finds nothing (a due delivery waiting behind its conversation's head)."""
+    if feed.unsequenced(conn):
+        return True
+    cursor = sa.select(sinks.c.cursor).where(sinks.c.sink == sink).scalar_subquery()
+    if conn.execute(sa.select(events.c.id).where(events.c.position > cursor).limit(1)).first() is not None:
+        return True
+    if not claiming:
+        return False
+    d = deliveries.c
+    due = sa.select(d.id).where(
+        d.sink == sink,
+        d.status == PENDING,
+        d.next_attempt_at <= now,
+        sa.or_(d.claimed_until.is_(None), d.claimed_until <= now),
+    )
+    return conn.execute(due.limit(1)).first() is not None
+
+
 def _head(sink: str, result: Settled) -> dict[str, Any]:
     return {"b_sink": sink, "b_conversation": result.claim.conversation_id, "b_position": result.claim.position}
 
@@ -272,7 +305,9 @@ def unclaim(conn: Connection, holder: str, ids: Sequence[int]) -> None:
     if ids:
         d = deliveries.c
         conn.execute(
-            sa.update(deliveries).where(d.id.in_(ids), d.claimed_by == holder).values(claimed_until=None, claimed_by=None)
+            sa.update(deliveries)
+            .where(d.id.in_(ids), d.claimed_by == holder)
+            .values(claimed_until=None, claimed_by=None)
         )
 
 

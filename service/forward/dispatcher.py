@@ -1,7 +1,7 @@
 """The dispatcher: every sink gets every event, at least once, in revision order per conversation.
 
 Each sink has a loop of its own (`SinkLoop`), so a slow or dead sink never holds back another. One turn of a loop:
-1. number newly committed events (feed.sequence: their commit-order positions);
+1. number newly committed events (feed.sequence: their commit-order positions), in the same transaction as 5, 2, 3;
 2. fan the feed's new events out into the sink's deliveries, moving its cursor (deliveries.fan_out);
 3. claim due deliveries with a lease, each its conversation's earliest pending one (deliveries.claim), up to a
    window of claims held at once (`Timing.window`, far more than the sink's connections);
@@ -46,7 +46,7 @@ from service.forward import deliveries, feed
 from service.forward.deliveries import DEAD, DELIVERED, PENDING, Claim, Settled
 from service.forward.schedule import RetrySchedule
 from service.forward.sinks import Outcome, Sink
-from service.storage.db import StoreUnavailable, transaction
+from service.storage.db import StoreUnavailable, read_only, transaction
 
 log = logging.getLogger("postcall.forward")
 
@@ -160,7 +160,6 @@ class SinkLoop:
 
     async def _turn(self, sends: TaskGroup) -> bool:
         """One turn; True when it did something (so the next comes at once)."""
-        await anyio.to_thread.run_sync(transaction, self.engine, feed.sequence)
         settled, self._results = self._results, []
         unsent, self._unsent = self._unsent, []
         free = self.window - self._held
@@ -181,11 +180,24 @@ class SinkLoop:
     def _settle_fan_out_and_claim(
         self, settled: list[Settled], unsent: list[Claim], free: int
     ) -> tuple[int, list[Claim]]:
-        """Steps 5, 2 and 3 in one transaction: each commit costs a sync to disk, and a turn's are what bound how
-        many turns, and so events, a loop gets through in a second."""
+        """Steps 1, 5, 2 and 3 in one transaction: each commit costs a sync to disk, and a turn's are what bound
+        how many turns, and so events, a loop gets through in a second. A turn with nothing to write first asks
+        (deliveries.waiting, a read) whether there is anything to do: on SQLite every write transaction takes the
+        one write lock, and a loop polling 50 times a second with it would queue the receiver's commits behind
+        its own, and its own behind theirs."""
+        now = self.timing.clock()
+        idle = not (settled or unsent)
+        if idle and not read_only(self.engine, lambda conn: deliveries.waiting(conn, self.sink.name, now, free > 0)):
+            return 0, []
 
         def work(conn: Connection) -> tuple[int, list[Claim]]:
-            now = self.timing.clock()
+            # Numbering the feed here rather than in a transaction of its own saves a commit per turn and keeps
+            # the sequencer's guarantee (feed.py): its row lock is still held from numbering until this commit,
+            # so the next sequencer still starts only once these positions are visible. Holding it through the
+            # fan-out and claim only makes other sequencers skip a little longer; what this one numbers is theirs
+            # to read once it commits. Lock order is always the sequence row, then the sink's row, and the first
+            # is taken with SKIP LOCKED (never waited for): no deadlock with another dispatcher.
+            feed.sequence(conn)
             deliveries.record(conn, self.sink.name, self.holder, settled, now)
             deliveries.unclaim(conn, self.holder, [claim.outgoing.delivery_id for claim in unsent])
             fanned = deliveries.fan_out(conn, self.sink.name, now)
