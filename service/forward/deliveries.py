@@ -113,11 +113,14 @@ def claim(conn: Connection, sink: str, holder: str, now: datetime, lease: timede
     """Take up to `limit` due deliveries of `sink`, each its conversation's earliest pending one."""
     d = deliveries.c
     other = deliveries.alias("earlier")
-    earlier = sa.exists().where(
-        other.c.sink == d.sink,
-        other.c.conversation_id == d.conversation_id,
-        other.c.status == PENDING,
-        other.c.position < d.position,
+    # A correlated min() rather than NOT EXISTS: PostgreSQL then always looks it up per candidate in the
+    # (sink, conversation_id, status, position) index. With NOT EXISTS, a planner whose statistics say the table
+    # is nearly empty (a burst after quiet, a table just pruned) chose a nested loop that scanned every pending
+    # delivery per candidate: 200 ms a claim at 5,000 pending, the dispatcher's whole ceiling.
+    head = (
+        sa.select(sa.func.min(other.c.position))
+        .where(other.c.sink == d.sink, other.c.conversation_id == d.conversation_id, other.c.status == PENDING)
+        .scalar_subquery()
     )
     due = (
         sa.select(d.id)
@@ -126,7 +129,7 @@ def claim(conn: Connection, sink: str, holder: str, now: datetime, lease: timede
             d.status == PENDING,
             d.next_attempt_at <= now,
             sa.or_(d.claimed_until.is_(None), d.claimed_until <= now),
-            ~earlier,
+            d.position == head,
         )
         .order_by(d.next_attempt_at)
         .limit(limit)
