@@ -4,6 +4,7 @@ GET /v1/forward, POST /v1/forward/replay, metrics; settings; the secret never sh
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -19,9 +20,18 @@ from service.cli import app as cli
 from service.config import ConfigError, Settings, load_settings
 from service.storage.db import create_engine
 from service.testing import FakePlatform, seed_conversations
+from service.web import app as app_module
 from service.web.app import create_app
 from tests.support import webhooks
-from tests.support.forwarding import FORWARD_SECRET, Receiver, by_revision, empty_forwarding, receiving, wait_until
+from tests.support.forwarding import (
+    FORWARD_SECRET,
+    Receiver,
+    by_revision,
+    empty_forwarding,
+    quick_timing,
+    receiving,
+    wait_until,
+)
 from tests.support.live import live_server
 from tests.support.reconcile import reconcile
 
@@ -98,6 +108,21 @@ def test_serve_forwards_webhooks_and_backfills_once_each(
     for text in [*map(str, answers), caplog.text]:
         assert FORWARD_SECRET not in text and FORWARD_SECRET[6:] not in text
         assert "hunter2" not in text and "sekrit" not in text
+
+
+def test_serve_sends_a_webhook_on_as_soon_as_it_is_committed(
+    engine: Engine, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dispatcher that would look for new events only once an hour: what it sends, the receiver's commit woke.
+    hourly = functools.partial(app_module.Dispatcher, timing=quick_timing(poll=3600.0))
+    monkeypatch.setattr(app_module, "Dispatcher", hourly)
+    receiver = Receiver()
+    with receiving(receiver) as hook:
+        settings = forwarding_settings(database_url, tmp_path, hook)
+        with live_server(create_app(settings)) as base:
+            time.sleep(0.5)  # the dispatcher's first look, at start, has found nothing
+            assert post(base, webhooks.transcription("conv_woken")).json()["status"] == "accepted"
+            wait_until(lambda: receiver.keys() == [("conv_woken", 1)], timeout=15, what="the event sent on")
 
 
 def test_replay_over_http_needs_an_admin_token_and_checks_its_body(
