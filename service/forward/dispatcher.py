@@ -133,6 +133,7 @@ class SinkLoop:
         self.window = max(timing.window, sink.concurrency) if roomy else sink.concurrency
         self._connections = anyio.Semaphore(sink.concurrency)
         self._held = 0  # claims taken and neither sent nor given back yet
+        self._full = False  # the last turn claimed all the window let it: more may be waiting
         self._results: list[Settled] = []
         self._unsent: list[Claim] = []  # claims that waited too long to start: given back next turn
         self._nudge = anyio.Event()
@@ -171,6 +172,7 @@ class SinkLoop:
             self._unsent = unsent + self._unsent
             raise
         self._observe(settled)
+        self._full = free > 0 and len(claims) >= free
         start_by = claimed_at + self._start_within
         for claim in claims:
             self._held += 1
@@ -234,7 +236,11 @@ class SinkLoop:
                 self._results.append(settle(claim, outcome, self.timing.clock(), self.timing.schedule))
         finally:
             self._held -= 1
-            self._nudge.set()
+            # Outcomes alone do not call for a turn: they are written by the next one (at the next poll or wake,
+            # well within the lease), with whatever it claims, so a trickle of events costs one commit each rather
+            # than two. Only a loop that left due deliveries behind for want of room turns again at once.
+            if self._full:
+                self._nudge.set()
 
     async def _give_back(self) -> None:
         """Stopping: write what came back, and give back the claims whose sends were cut short."""
