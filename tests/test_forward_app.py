@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
@@ -18,6 +19,9 @@ from typer.testing import CliRunner
 
 from service.cli import app as cli
 from service.config import ConfigError, Settings, load_settings
+from service.doctor import probes
+from service.doctor.checks import State
+from service.doctor.checks import exit_status as probes_exit
 from service.storage.db import create_engine
 from service.testing import FakePlatform, seed_conversations
 from service.web import app as app_module
@@ -32,10 +36,11 @@ from tests.support.forwarding import (
     receiving,
     wait_until,
 )
-from tests.support.live import live_server
+from tests.support.live import free_port, live_server
 from tests.support.reconcile import reconcile
 
 READ, ADMIN = "read-token", "admin-token"
+NATS_URL = "nats://127.0.0.1:4222"  # the NATS server with JetStream the test machines run
 KEY = "forward-key"
 
 
@@ -192,3 +197,25 @@ def test_retention_and_nats_settings() -> None:
     ]:
         with pytest.raises(ConfigError, match=f"POSTCALL_{field.upper()}"):
             load_settings(_env_file=None, **{field: value})
+
+
+def test_doctor_says_which_forwarding_sink_it_cannot_reach_without_showing_credentials(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens there
+    with receiving(Receiver()) as hook:
+        up = hook.replace("http://", "http://user:hunter2@") + "?token=sekrit"
+        down, nats_down = f"http://127.0.0.1:{closed}/hook", f"nats://127.0.0.1:{free_port()}"
+        settings = forwarding_settings("sqlite://", tmp_path, f"{up},{down}", forward_nats_url=nats_down)
+        lines = anyio.run(probes.forwarding, settings)
+        reachable_nats = anyio.run(
+            probes.forwarding, forwarding_settings("sqlite://", tmp_path, hook, forward_nats_url=NATS_URL)
+        )
+    assert [(line.state, line.check) for line in lines] == [
+        (State.OK, f"forwarding to {hook}"),
+        (State.FAIL, f"forwarding to {down}"),
+        (State.FAIL, f"forwarding to {nats_down}"),
+    ]
+    assert "cannot reach it" in lines[1].text
+    assert [line.state for line in reachable_nats] == [State.OK, State.OK]
+    assert probes_exit(lines) == 1 and probes_exit(reachable_nats) == 0
+    for line in lines:
+        assert "hunter2" not in str(line) and "sekrit" not in str(line)

@@ -57,4 +57,9 @@ class Sink(Protocol):
 
     async def send(self, event: Outgoing) -> Outcome: ...
 
+    async def reachable(self) -> str | None:
+        """None when the sink can be reached now (without sending anything), else why not, for a person
+        (`postcall doctor`); never a credential."""
+        ...
+
     async def aclose(self) -> None: ...

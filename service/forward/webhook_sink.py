@@ -25,6 +25,7 @@ DEADLINE_SECONDS = 15.0  # the whole attempt, connect to last byte (PRODUCT: "a 
 CONCURRENCY = 16  # per endpoint: requests in flight, and so connections kept alive
 ANSWER_EXCERPT = 200  # characters of a refusing answer kept in last_error, for the person looking
 USER_AGENT = "postcall-forward/1"
+PROBE_SECONDS = 5.0  # `postcall doctor`'s connection attempt
 
 
 class WebhookSink:
@@ -78,6 +79,26 @@ class WebhookSink:
         excerpt = text.decode("utf-8", "replace")[:ANSWER_EXCERPT].strip()
         error = f"HTTP {status}" + (f": {excerpt}" if excerpt else "")
         return Outcome(False, latency, status, error)
+
+    async def reachable(self) -> str | None:
+        """A TCP connection to the endpoint, with the TLS handshake for https: nothing is posted, so the check sends
+        the team's system no event it would have to ignore."""
+        parts = yarl.URL(self._url)
+        tls = parts.scheme == "https"
+        if parts.host is None or parts.scheme not in ("http", "https"):
+            return "not an http or https URL"
+        try:
+            with anyio.fail_after(PROBE_SECONDS):
+                port = parts.port or (443 if tls else 80)
+                if tls:
+                    await (await anyio.connect_tcp(parts.host, port, tls=True)).aclose()
+                else:
+                    await (await anyio.connect_tcp(parts.host, port)).aclose()
+        except TimeoutError:
+            return f"no connection within {PROBE_SECONDS:g} s"
+        except (OSError, anyio.BrokenResourceError) as exc:
+            return self._describe(exc)
+        return None
 
     def _describe(self, exc: Exception) -> str:
         # A client error may name the request's URL: the configured one can carry credentials.
