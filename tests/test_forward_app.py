@@ -4,12 +4,14 @@ GET /v1/forward, POST /v1/forward/replay, metrics; settings; the secret never sh
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
@@ -17,15 +19,28 @@ from typer.testing import CliRunner
 
 from service.cli import app as cli
 from service.config import ConfigError, Settings, load_settings
+from service.doctor import probes
+from service.doctor.checks import State
+from service.doctor.checks import exit_status as probes_exit
 from service.storage.db import create_engine
 from service.testing import FakePlatform, seed_conversations
+from service.web import app as app_module
 from service.web.app import create_app
 from tests.support import webhooks
-from tests.support.forwarding import FORWARD_SECRET, Receiver, by_revision, empty_forwarding, receiving, wait_until
-from tests.support.live import live_server
+from tests.support.forwarding import (
+    FORWARD_SECRET,
+    Receiver,
+    by_revision,
+    empty_forwarding,
+    quick_timing,
+    receiving,
+    wait_until,
+)
+from tests.support.live import free_port, live_server
 from tests.support.reconcile import reconcile
 
 READ, ADMIN = "read-token", "admin-token"
+NATS_URL = "nats://127.0.0.1:4222"  # the NATS server with JetStream the test machines run
 KEY = "forward-key"
 
 
@@ -98,6 +113,21 @@ def test_serve_forwards_webhooks_and_backfills_once_each(
     for text in [*map(str, answers), caplog.text]:
         assert FORWARD_SECRET not in text and FORWARD_SECRET[6:] not in text
         assert "hunter2" not in text and "sekrit" not in text
+
+
+def test_serve_sends_a_webhook_on_as_soon_as_it_is_committed(
+    engine: Engine, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dispatcher that would look for new events only once an hour: what it sends, the receiver's commit woke.
+    hourly = functools.partial(app_module.Dispatcher, timing=quick_timing(poll=3600.0))
+    monkeypatch.setattr(app_module, "Dispatcher", hourly)
+    receiver = Receiver()
+    with receiving(receiver) as hook:
+        settings = forwarding_settings(database_url, tmp_path, hook)
+        with live_server(create_app(settings)) as base:
+            time.sleep(0.5)  # the dispatcher's first look, at start, has found nothing
+            assert post(base, webhooks.transcription("conv_woken")).json()["status"] == "accepted"
+            wait_until(lambda: receiver.keys() == [("conv_woken", 1)], timeout=15, what="the event sent on")
 
 
 def test_replay_over_http_needs_an_admin_token_and_checks_its_body(
@@ -175,3 +205,25 @@ def test_an_endpoint_whose_name_cannot_key_a_row_is_refused_at_start() -> None:
     load_settings(_env_file=None, forward_urls=fits, forward_secret=secret)
     with pytest.raises(ConfigError, match=r"^POSTCALL_FORWARD_URLS: .*longer than 256 characters"):
         load_settings(_env_file=None, forward_urls="https://hooks.example.com/" + "p" * 240, forward_secret=secret)
+
+
+def test_doctor_says_which_forwarding_sink_it_cannot_reach_without_showing_credentials(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens there
+    with receiving(Receiver()) as hook:
+        up = hook.replace("http://", "http://user:hunter2@") + "?token=sekrit"
+        down, nats_down = f"http://127.0.0.1:{closed}/hook", f"nats://127.0.0.1:{free_port()}"
+        settings = forwarding_settings("sqlite://", tmp_path, f"{up},{down}", forward_nats_url=nats_down)
+        lines = anyio.run(probes.forwarding, settings)
+        reachable_nats = anyio.run(
+            probes.forwarding, forwarding_settings("sqlite://", tmp_path, hook, forward_nats_url=NATS_URL)
+        )
+    assert [(line.state, line.check) for line in lines] == [
+        (State.OK, f"forwarding to {hook}"),
+        (State.FAIL, f"forwarding to {down}"),
+        (State.FAIL, f"forwarding to {nats_down}"),
+    ]
+    assert "cannot reach it" in lines[1].text
+    assert [line.state for line in reachable_nats] == [State.OK, State.OK]
+    assert probes_exit(lines) == 1 and probes_exit(reachable_nats) == 0
+    for line in lines:
+        assert "hunter2" not in str(line) and "sekrit" not in str(line)

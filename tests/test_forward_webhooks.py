@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from service.forward import deliveries
-from service.forward.dispatcher import Dispatcher
+from service.forward.dispatcher import MARGIN, Dispatcher
 from service.record.merge import Observation
 from service.storage.db import create_engine, transaction
 from tests.support import records
@@ -25,6 +25,7 @@ from tests.support.forwarding import (
     by_revision,
     dispatching,
     empty_forwarding,
+    lease,
     quick_timing,
     receiving,
     table_rows,
@@ -218,6 +219,29 @@ def test_two_dispatchers_on_one_postgres_never_send_one_event_twice_at_once(engi
     assert all(order[conversation_id] == [1, 2, 3] for conversation_id in ids)
     # Each delivery was claimed by one dispatcher and sent once.
     assert len(table_rows(engine, "SELECT id FROM forward_attempt")) == 60
+
+
+def test_a_claim_that_waits_past_its_lease_for_a_connection_is_given_back_unsent(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # One connection each and a slow endpoint: a dispatcher claims more than it can send before the lease leaves
+    # room (start_within = lease - MARGIN - deadline = 0.2 s). Sent anyway, a claim whose lease ran out would also
+    # be taken and sent by the other dispatcher: the same event twice, at once.
+    receiver = Receiver(delay=0.5)
+    ids = [f"conv_wait{n}" for n in range(20)]
+    for conversation_id in ids:
+        records.store(engine, [records.session(conversation_id, agent_id="agent_1")], now=datetime.now(UTC))
+    timing = quick_timing(lease=lease(MARGIN + 2.0 + 0.2))
+    with (
+        receiving(receiver) as url,
+        dispatching(engine, [webhook_sink(url, concurrency=1, deadline=2.0)], timing),
+        dispatching(engine, [webhook_sink(url, concurrency=1, deadline=2.0)], timing),
+    ):
+        wait_until(lambda: delivered(engine) == len(ids), timeout=60, what="every event")
+    assert receiver.overlapping == []
+    assert sorted(receiver.keys()) == sorted((conversation_id, 1) for conversation_id in ids)  # each once
+    # What was given back unsent cost no attempt.
+    assert len(table_rows(engine, "SELECT id FROM forward_attempt")) == len(ids)
 
 
 def test_the_forward_secret_is_the_standard_webhooks_one() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from service.config import Settings
 from service.doctor.checks import WEBHOOK, Line, fail, ok, webhook_lines
 from service.elevenlabs import ApiError, ElevenLabsClient, ElevenLabsError, RetryPolicy, Unreachable
+from service.forward.configured import build_sinks
 from service.reconcile.upstream import NoPostCallWebhook, post_call_webhook
 from service.storage.db import StoreUnavailable, create_engine
 from service.storage.migrations import unmigrated
@@ -86,6 +87,23 @@ async def elevenlabs(settings: Settings) -> list[Line]:
         advice = "choose one in the Agents Platform settings (post-call webhook), posting to its /webhooks/elevenlabs"
         return [*lines, fail(WEBHOOK, f"{exc}; {advice}")]
     return [*lines, *webhook_lines(webhook, settings.public_url, int(time.time()))]
+
+
+async def forwarding(settings: Settings) -> list[Line]:
+    """Each configured forwarding sink reached now (nothing sent); no line when none is configured."""
+    lines = []
+    for sink in build_sinks(settings):
+        try:
+            problem = await sink.reachable()
+        finally:
+            await sink.aclose()
+        check = f"forwarding to {sink.name}"
+        if problem is None:
+            lines.append(ok(check, "reachable (a connection opened; nothing sent)"))
+        else:
+            hint = "check POSTCALL_FORWARD_URLS / POSTCALL_FORWARD_NATS_URL and that it is up"
+            lines.append(fail(check, f"cannot reach it ({problem}): {hint}; events wait for it meanwhile"))
+    return lines
 
 
 def _key_refused(exc: ElevenLabsError, base_url: str) -> Line:

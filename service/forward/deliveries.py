@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from service.forward import feed
 from service.forward.sinks import Outgoing
 from service.storage.db import insert_ignoring_conflict
 from service.storage.tables import ForwardAttempt, ForwardDelivery, ForwardEvent, ForwardSink
@@ -112,11 +113,14 @@ def claim(conn: Connection, sink: str, holder: str, now: datetime, lease: timede
     """Take up to `limit` due deliveries of `sink`, each its conversation's earliest pending one."""
     d = deliveries.c
     other = deliveries.alias("earlier")
-    earlier = sa.exists().where(
-        other.c.sink == d.sink,
-        other.c.conversation_id == d.conversation_id,
-        other.c.status == PENDING,
-        other.c.position < d.position,
+    # A correlated min() rather than NOT EXISTS: PostgreSQL then always looks it up per candidate in the
+    # (sink, conversation_id, status, position) index. With NOT EXISTS, a planner whose statistics say the table
+    # is nearly empty (a burst after quiet, a table just pruned) chose a nested loop that scanned every pending
+    # delivery per candidate: 200 ms a claim at 5,000 pending, the dispatcher's whole ceiling.
+    head = (
+        sa.select(sa.func.min(other.c.position))
+        .where(other.c.sink == d.sink, other.c.conversation_id == d.conversation_id, other.c.status == PENDING)
+        .scalar_subquery()
     )
     due = (
         sa.select(d.id)
@@ -125,7 +129,7 @@ def claim(conn: Connection, sink: str, holder: str, now: datetime, lease: timede
             d.status == PENDING,
             d.next_attempt_at <= now,
             sa.or_(d.claimed_until.is_(None), d.claimed_until <= now),
-            ~earlier,
+            d.position == head,
         )
         .order_by(d.next_attempt_at)
         .limit(limit)
@@ -172,22 +176,6 @@ class Settled:
     error: str | None
 
 
-# Only a claim still ours: a replay (or a lease that ran out and another dispatcher) took the row meanwhile.
-_SETTLE = (
-    sa.update(deliveries)
-    .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.claimed_by == sa.bindparam("b_holder"))
-    .values(
-        status=sa.bindparam("b_status"),
-        attempts=sa.bindparam("b_attempts"),
-        first_attempt_at=sa.bindparam("b_first"),
-        next_attempt_at=sa.bindparam("b_next"),
-        delivered_at=sa.bindparam("b_delivered"),
-        last_status_code=sa.bindparam("b_code"),
-        last_error=sa.bindparam("b_error"),
-        claimed_until=None,
-        claimed_by=None,
-    )
-)
 _AFTER_HEAD = sa.and_(
     deliveries.c.sink == sa.bindparam("b_sink"),
     deliveries.c.conversation_id == sa.bindparam("b_conversation"),
@@ -212,28 +200,12 @@ def record(conn: Connection, sink: str, holder: str, results: Sequence[Settled],
     """Write a batch of attempts' outcomes, their attempt rows and the sink's last news, in a few statements."""
     if not results:
         return
-    conn.execute(
-        _SETTLE,
-        [
-            {
-                "b_id": r.claim.outgoing.delivery_id,
-                "b_holder": holder,
-                "b_status": r.status,
-                "b_attempts": r.claim.attempts + 1,
-                "b_first": r.first_attempt_at,
-                "b_next": r.next_attempt_at if r.next_attempt_at is not None else r.attempted_at,
-                "b_delivered": r.attempted_at if r.status == DELIVERED else None,
-                "b_code": r.status_code,
-                "b_error": r.error,
-            }
-            for r in results
-        ],
-    )
-    heads = [_head(sink, r) for r in results]
-    held = [
-        {**head, "b_until": r.next_attempt_at} for head, r in zip(heads, results, strict=True) if r.status == PENDING
-    ]
-    done = [{**head, "b_now": now} for head, r in zip(heads, results, strict=True) if r.status != PENDING]
+    _settle(conn, holder, results)
+    # Only conversations with a later pending delivery need their followers held or released: most have none.
+    last = _last_pending(conn, sink, {r.claim.conversation_id for r in results})
+    followed = [r for r in results if last.get(r.claim.conversation_id, r.claim.position) > r.claim.position]
+    held = [{**_head(sink, r), "b_until": r.next_attempt_at} for r in followed if r.status == PENDING]
+    done = [{**_head(sink, r), "b_now": now} for r in followed if r.status != PENDING]
     if held:
         conn.execute(_HOLD, held)
     if done:
@@ -263,8 +235,109 @@ def record(conn: Connection, sink: str, holder: str, results: Sequence[Settled],
         conn.execute(sa.update(sinks).where(sinks.c.sink == sink).values(**news))
 
 
+# SQLite's settle: a statement per delivery (executemany), cheap in-process; SQLite's VALUES takes no column names.
+_SETTLE = (
+    sa.update(deliveries)
+    .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.claimed_by == sa.bindparam("b_holder"))
+    .values(
+        status=sa.bindparam("b_status"),
+        attempts=sa.bindparam("b_attempts"),
+        first_attempt_at=sa.bindparam("b_first"),
+        next_attempt_at=sa.bindparam("b_next"),
+        delivered_at=sa.bindparam("b_delivered"),
+        last_status_code=sa.bindparam("b_code"),
+        last_error=sa.bindparam("b_error"),
+        claimed_until=None,
+        claimed_by=None,
+    )
+)
+
+
+# PostgreSQL's settle: one statement, its values sent as one array per column (as storage/db.py inserts).
+_SETTLE_COLUMNS = ("b_id", "b_status", "b_attempts", "b_first", "b_next", "b_delivered", "b_code", "b_error")
+_SETTLE_PG = """
+UPDATE forward_delivery AS d
+SET status = o.b_status, attempts = o.b_attempts, first_attempt_at = o.b_first, next_attempt_at = o.b_next,
+    delivered_at = o.b_delivered, last_status_code = o.b_code, last_error = o.b_error,
+    claimed_until = NULL, claimed_by = NULL
+FROM unnest(%(b_id)s::bigint[], %(b_status)s::text[], %(b_attempts)s::integer[], %(b_first)s::timestamptz[],
+            %(b_next)s::timestamptz[], %(b_delivered)s::timestamptz[], %(b_code)s::integer[], %(b_error)s::text[])
+     AS o(b_id, b_status, b_attempts, b_first, b_next, b_delivered, b_code, b_error)
+WHERE d.id = o.b_id AND d.claimed_by = %(b_holder)s
+"""
+
+
+def _settle(conn: Connection, holder: str, results: Sequence[Settled]) -> None:
+    """Each delivery's new state. Only a claim still ours: a replay (or a lease that ran out and another
+    dispatcher) took the row meanwhile. On PostgreSQL one UPDATE … FROM unnest(arrays) rather than a statement per
+    delivery: a turn settles hundreds. (A SQLAlchemy VALUES construct of as many rows was slower than either:
+    compiling and binding thousands of parameters.)"""
+    rows = [
+        {
+            "b_id": r.claim.outgoing.delivery_id,
+            "b_holder": holder,
+            "b_status": r.status,
+            "b_attempts": r.claim.attempts + 1,
+            "b_first": r.first_attempt_at,
+            "b_next": r.next_attempt_at if r.next_attempt_at is not None else r.attempted_at,
+            "b_delivered": r.attempted_at if r.status == DELIVERED else None,
+            "b_code": r.status_code,
+            "b_error": r.error,
+        }
+        for r in results
+    ]
+    if conn.dialect.name != "postgresql":
+        conn.execute(_SETTLE, rows)
+        return
+    columns = {name: [row[name] for row in rows] for name in _SETTLE_COLUMNS}
+    conn.exec_driver_sql(_SETTLE_PG, {**columns, "b_holder": holder})
+
+
+def _last_pending(conn: Connection, sink: str, conversation_ids: set[str]) -> dict[str, int]:
+    """The feed position of each conversation's last pending delivery to `sink` (none: nothing pending)."""
+    d = deliveries.c
+    rows = conn.execute(
+        sa.select(d.conversation_id, sa.func.max(d.position))
+        .where(d.sink == sink, d.status == PENDING, d.conversation_id.in_(conversation_ids))
+        .group_by(d.conversation_id)
+    ).all()
+    return {conversation_id: position for conversation_id, position in rows}
+
+
+def waiting(conn: Connection, sink: str, now: datetime, claiming: bool) -> bool:
+    """Whether a dispatcher's turn for `sink` may find work: an event to number or to fan out, or (when it may
+    claim) a due delivery nobody holds. Only reads, so a loop can ask it often without taking SQLite's write
+    lock; it may say yes when a claim then finds nothing (a due delivery waiting behind its conversation's head)."""
+    if feed.unsequenced(conn):
+        return True
+    cursor = sa.select(sinks.c.cursor).where(sinks.c.sink == sink).scalar_subquery()
+    if conn.execute(sa.select(events.c.id).where(events.c.position > cursor).limit(1)).first() is not None:
+        return True
+    if not claiming:
+        return False
+    d = deliveries.c
+    due = sa.select(d.id).where(
+        d.sink == sink,
+        d.status == PENDING,
+        d.next_attempt_at <= now,
+        sa.or_(d.claimed_until.is_(None), d.claimed_until <= now),
+    )
+    return conn.execute(due.limit(1)).first() is not None
+
+
 def _head(sink: str, result: Settled) -> dict[str, Any]:
     return {"b_sink": sink, "b_conversation": result.claim.conversation_id, "b_position": result.claim.position}
+
+
+def unclaim(conn: Connection, holder: str, ids: Sequence[int]) -> None:
+    """Give back claims that were never sent (they waited too long for a connection): due again, no attempt."""
+    if ids:
+        d = deliveries.c
+        conn.execute(
+            sa.update(deliveries)
+            .where(d.id.in_(ids), d.claimed_by == holder)
+            .values(claimed_until=None, claimed_by=None)
+        )
 
 
 def release(conn: Connection, holder: str) -> int:

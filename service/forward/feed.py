@@ -67,12 +67,18 @@ def decode_cursor(cursor: str | None) -> int:
     return int(cursor)
 
 
+def unsequenced(conn: Connection) -> bool:
+    """Whether a committed event waits for its position (a read: cheap, and it takes no lock)."""
+    return conn.execute(_UNSEQUENCED.limit(1)).first() is not None
+
+
 def sequence(conn: Connection, batch: int = SEQUENCE_BATCH) -> int:
     """Give commit-order positions to committed events that have none (see the module's docstring); how many.
 
-    Run in a transaction of its own and commit right after. When another sequencer holds the turn this returns
-    0 at once (PostgreSQL's SKIP LOCKED): that one is numbering the same events."""
-    if conn.execute(_UNSEQUENCED.limit(1)).first() is None:
+    Commit right after, or soon after: the row lock is held until then, and other sequencers skip meanwhile (the
+    dispatcher folds it into its turn's transaction, see dispatcher.SinkLoop). When another sequencer holds the
+    turn this returns 0 at once (PostgreSQL's SKIP LOCKED): that one is numbering the same events."""
+    if not unsequenced(conn):
         return 0
     turn = sa.select(forward_sequence.c.last).where(forward_sequence.c.name == SEQUENCE)
     if conn.dialect.name == "postgresql":

@@ -43,6 +43,7 @@ class NatsSink:
     def __init__(self, url: str, stream: str, *, concurrency: int = CONCURRENCY) -> None:
         self.name = sink_name(url)
         self.concurrency = concurrency
+        self.deadline = 2 * CONNECT_SECONDS + ACK_SECONDS  # a connection, then the ack
         self._url = url
         self._stream = stream
         self._client: Client | None = None
@@ -88,6 +89,23 @@ class NatsSink:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             return Outcome(False, time.perf_counter() - started, error=_describe(exc))
         return Outcome(True, time.perf_counter() - started)
+
+    async def reachable(self) -> str | None:
+        """A connection, and the server's JetStream answering for the account (the stream is not created here)."""
+        client: Client | None = None
+        try:
+            with anyio.fail_after(2 * CONNECT_SECONDS):
+                client = await nats.connect(
+                    self._url, connect_timeout=CONNECT_SECONDS, max_reconnect_attempts=0, error_cb=self._on_error
+                )
+                await client.jetstream().account_info()
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            return _describe(exc)
+        finally:
+            if client is not None and not client.is_closed:
+                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                    await client.close()
+        return None
 
     async def aclose(self) -> None:
         if self._client is not None and not self._client.is_closed:

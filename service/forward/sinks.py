@@ -57,7 +57,13 @@ class Outcome:
 class Sink(Protocol):
     name: str
     concurrency: int  # sends in flight at once, at most
+    deadline: float  # seconds one send may take at most, connecting included: the claim's lease must cover it
 
     async def send(self, event: Outgoing) -> Outcome: ...
+
+    async def reachable(self) -> str | None:
+        """None when the sink can be reached now (without sending anything), else why not, for a person
+        (`postcall doctor`); never a credential."""
+        ...
 
     async def aclose(self) -> None: ...

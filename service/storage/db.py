@@ -88,7 +88,7 @@ def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # IMMEDIATE takes the write lock up front, so two writers queue instead of deadlocking on upgrade.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -164,6 +164,18 @@ def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     for callback in pending:
         callback()
     return result
+
+
+_READ_ONLY = "postcall_read_only"
+
+
+def read_only(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run `work`, which only reads, in a transaction that takes no write lock on SQLite (a deferred BEGIN): a
+    frequent probe then neither waits for the writers nor holds them up. `work` must not write."""
+    with unavailable_as_store_error(), engine.connect() as conn:
+        conn.execution_options(**{_READ_ONLY: True})
+        with conn.begin():
+            return work(conn)
 
 
 def database_dir(engine: Engine) -> Path | None:

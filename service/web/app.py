@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -85,9 +86,14 @@ def create_app(
                         observer=app_metrics.forward,
                     )
                     background.start_soon(dispatcher.run)
+                    # The receiver's commits wake the dispatcher (from the writer's thread, so through the loop);
+                    # the dispatcher's poll still finds what other processes commit.
+                    loop = asyncio.get_running_loop()
+                    writer.on_commit = lambda: loop.call_soon_threadsafe(dispatcher.wake)
                 yield
                 background.cancel_scope.cancel()
         finally:
+            writer.on_commit = None
             await anyio.to_thread.run_sync(writer.stop)
             if elevenlabs is not None:
                 await elevenlabs.aclose()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -46,11 +47,15 @@ class _Job:
 
 
 class BatchWriter:
-    """Owns one thread and one database connection at a time. `start()` before use, `stop()` after."""
+    """Owns one thread and one database connection at a time. `start()` before use, `stop()` after.
+
+    `on_commit`, when set, is called on the writer's thread after each batch commits: how `serve`'s dispatcher
+    learns of new events at once instead of at its next poll. It must be quick and never block."""
 
     def __init__(self, engine: Engine, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
         self._max_batch = max_batch
+        self.on_commit: Callable[[], object] | None = None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -111,3 +116,8 @@ class BatchWriter:
             return
         for job, outcome in zip(batch, outcomes, strict=True):
             job.resolve(outcome, None)
+        if self.on_commit is not None:
+            try:
+                self.on_commit()
+            except Exception:  # a listener's failure must not cost the receiver its writer
+                log.exception("after-commit callback failed")

@@ -7,6 +7,8 @@ and whether a large backlog drains in flat memory.
   webhook sink on loopback (a separate uvicorn process answering 204 at once), in the same run;
 - dispatch: N events already committed, then one dispatcher sends them all: to the loopback endpoint, and to
   NATS JetStream at 127.0.0.1:4222 (a stream of its own, deleted after);
+- clients: the HTTP client alone, httpx.AsyncClient against aiohttp.ClientSession, each posting the same signed
+  ~3 KB body to the loopback endpoint over 16 kept-alive connections, alternated twice in the same run;
 - latency: events committed one by one at 100/s for 20 s while a dispatcher runs; commit to delivery recorded
   (`delivered_at - committed_at`, both stamped by the processes that did them);
 - backlog: `postcall forward` as a process with the endpoint down while the backlog is committed, then up; its
@@ -24,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,6 +109,46 @@ def dispatch_rate(engine: Engine, sink: Sink, count: int) -> float:
     with running(engine, [sink]):
         seconds = wait_for(engine, count)
     return count / seconds
+
+
+def client_rates(url: str, count: int = 3000, connections: int = 16) -> dict[str, list[float]]:
+    """Requests a second through each HTTP client, alternated so both see the same load."""
+    import aiohttp
+    import httpx
+
+    body = orjson.dumps({"id": new_event_id(), "type": CREATED, "data": {"conversation": RECORD}})
+
+    async def through_httpx() -> float:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(limits=limits) as client:
+            return await _rate(lambda: client.post(url, content=body), count, connections)
+
+    async def through_aiohttp() -> float:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+
+            async def post() -> None:
+                async with session.post(url, data=body) as answer:
+                    await answer.read()
+
+            return await _rate(post, count, connections)
+
+    rates: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
+    for _ in range(2):
+        rates["httpx"].append(asyncio.run(through_httpx()))
+        rates["aiohttp"].append(asyncio.run(through_aiohttp()))
+    return rates
+
+
+async def _rate(post: Callable[[], Awaitable[object]], count: int, connections: int) -> float:
+    left = iter(range(count))
+
+    async def worker() -> None:
+        for _ in left:
+            await post()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return count / (time.perf_counter() - started)
 
 
 def latency(engine: Engine, sink: Sink, rate: float = 100, seconds: float = 20) -> tuple[float, float, float, int]:
@@ -214,7 +256,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000, help="events for the dispatch rates")
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--duration", type=int, default=5, help="seconds of each wrk run")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ingest,dispatch,latency,backlog")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: ingest,dispatch,clients,latency,backlog"
+    )
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="postcall-bench-forward-"))
@@ -262,6 +306,10 @@ def main() -> None:
                 with nats_stream() as stream:
                     rate = dispatch_rate(engine, NatsSink(NATS_URL, stream), args.events)
                 row(f"dispatch {args.events} events, JetStream", f"{rate:.0f}/s")
+            if "clients" not in skip and db == args.db.split(",")[0]:
+                rates = client_rates(sink_url)
+                for client, figures in rates.items():
+                    row(f"{client} alone, 16 connections", " / ".join(f"{rate:.0f}" for rate in figures) + " req/s")
             if "latency" not in skip:
                 p50, p99, worst, n = latency(engine, webhook_sink(sink_url))
                 row(f"commit to delivery at 100/s, HTTP ({n})", f"p50 {p50:.0f} p99 {p99:.0f} max {worst:.0f} ms")
