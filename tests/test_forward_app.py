@@ -7,7 +7,6 @@ import base64
 import functools
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from service.config import ConfigError, Settings, load_settings
 from service.doctor import probes
 from service.doctor.checks import State
 from service.doctor.checks import exit_status as probes_exit
-from service.storage.db import create_engine
 from service.testing import FakePlatform, seed_conversations
 from service.web import app as app_module
 from service.web.app import create_app
@@ -31,7 +29,6 @@ from tests.support.forwarding import (
     FORWARD_SECRET,
     Receiver,
     by_revision,
-    empty_forwarding,
     quick_timing,
     receiving,
     wait_until,
@@ -42,15 +39,6 @@ from tests.support.reconcile import reconcile
 READ, ADMIN = "read-token", "admin-token"
 NATS_URL = "nats://127.0.0.1:4222"  # the NATS server with JetStream the test machines run
 KEY = "forward-key"
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
-    empty_forwarding(engine)
-    yield engine
-    empty_forwarding(engine)
-    engine.dispose()
 
 
 def forwarding_settings(database_url: str, tmp_path: Path, url: str, **extra: Any) -> Settings:

@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
 
-from service.storage.db import create_engine
 from tests.support import webhooks
-from tests.support.forwarding import FORWARD_SECRET, Receiver, empty_forwarding, receiving, table_rows, wait_until
+from tests.support.forwarding import FORWARD_SECRET, Receiver, receiving, table_rows, wait_until
 from tests.support.process import serve_process
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
-    empty_forwarding(engine)
-    yield engine
-    empty_forwarding(engine)
-    engine.dispose()
 
 
 def test_every_event_is_delivered_after_kill_9_with_sends_in_flight(

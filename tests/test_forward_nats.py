@@ -18,21 +18,11 @@ from sqlalchemy.engine import Engine
 from service.forward.dispatcher import Dispatcher
 from service.forward.nats_sink import NatsSink, subject
 from service.forward.sinks import Outgoing
-from service.storage.db import create_engine
 from tests.support import records
-from tests.support.forwarding import dispatching, empty_forwarding, table_rows, wait_until
+from tests.support.forwarding import dispatching, table_rows, wait_until
 
 NATS_URL = "nats://127.0.0.1:4222"
 pytestmark = pytest.mark.nats
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
-    empty_forwarding(engine)
-    yield engine
-    empty_forwarding(engine)
-    engine.dispose()
 
 
 @pytest.fixture

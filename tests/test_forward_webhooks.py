@@ -4,7 +4,6 @@ real dispatcher, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from sqlalchemy.engine import Engine
 from service.forward import deliveries
 from service.forward.dispatcher import MARGIN, Dispatcher
 from service.record.merge import Observation
-from service.storage.db import create_engine, transaction
+from service.storage.db import transaction
 from tests.support import records
 from tests.support.forwarding import (
     FORWARD_SECRET,
@@ -24,7 +23,6 @@ from tests.support.forwarding import (
     Receiver,
     by_revision,
     dispatching,
-    empty_forwarding,
     lease,
     quick_timing,
     receiving,
@@ -32,15 +30,6 @@ from tests.support.forwarding import (
     wait_until,
     webhook_sink,
 )
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
-    empty_forwarding(engine)
-    yield engine
-    empty_forwarding(engine)
-    engine.dispose()
 
 
 def lifecycle(conversation_id: str, data_dir: Path, agent_id: str = "agent_1") -> list[list[Observation]]:
