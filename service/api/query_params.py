@@ -16,7 +16,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -124,7 +124,7 @@ def parse_filter(params: Iterable[tuple[str, str]]) -> ConversationFilter:
         elif name == "q":
             values["search"] = _search(name, raw)
         elif name == "limit":
-            values[name] = _whole_number(name, raw, MAX_LIMIT)
+            values[name] = whole_number(name, raw, MAX_LIMIT)
         elif name == "cursor":
             values["after"] = decode_cursor(raw)
         else:
@@ -205,10 +205,23 @@ def parse_bool(name: str, raw: str) -> bool:
     raise QueryError(name, "must be true or false")
 
 
-def _whole_number(name: str, raw: str, maximum: int) -> int:
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= maximum:
-        raise QueryError(name, f"must be a whole number from 1 to {maximum}")
+def whole_number(name: str, raw: str, maximum: int, minimum: int = 1) -> int:
+    """A bounded whole-number parameter; anything else is a QueryError naming it."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 6 or not minimum <= int(raw) <= maximum:
+        raise QueryError(name, f"must be a whole number from {minimum} to {maximum}")
     return int(raw)
+
+
+def only_parameters(params: Iterable[tuple[str, str]], names: Sequence[str]) -> dict[str, str]:
+    """The parameters of an endpoint that takes only `names`, each at most once; anything else is a QueryError."""
+    given: dict[str, str] = {}
+    for name, raw in params:
+        if name in given:
+            raise QueryError(name, "given more than once")
+        if name not in names:
+            raise QueryError(name, f"unknown parameter (this endpoint takes only {', '.join(names)})")
+        given[name] = raw
+    return given
 
 
 def encode_cursor(cursor: Cursor) -> str:
@@ -235,13 +248,5 @@ MAX_RUNS = 200
 
 def parse_runs_limit(params: Iterable[tuple[str, str]]) -> int:
     """`GET /v1/reconcile/runs` takes only `limit` (default 20, at most 200)."""
-    limit = DEFAULT_RUNS
-    seen: set[str] = set()
-    for name, raw in params:
-        if name in seen:
-            raise QueryError(name, "given more than once")
-        seen.add(name)
-        if name != "limit":
-            raise QueryError(name, "unknown parameter (this endpoint takes only limit)")
-        limit = _whole_number(name, raw, MAX_RUNS)
-    return limit
+    given = only_parameters(params, ("limit",))
+    return whole_number("limit", given["limit"], MAX_RUNS) if "limit" in given else DEFAULT_RUNS

@@ -34,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from service.api.query_params import QueryError
+from service.api.query_params import only_parameters, whole_number
 from service.storage.tables import Conversation
 
 conversations: sa.Table = Conversation.__table__  # type: ignore[attr-defined]
@@ -70,18 +70,8 @@ class Stats:
 
 def parse_days(params: Iterable[tuple[str, str]]) -> int:
     """`days` (default 30, 1 to 366); any other parameter, or a repeat, is a QueryError (422)."""
-    days = DEFAULT_DAYS
-    seen: set[str] = set()
-    for name, raw in params:
-        if name in seen:
-            raise QueryError(name, "given more than once")
-        seen.add(name)
-        if name != "days":
-            raise QueryError(name, "unknown parameter (this endpoint takes only days)")
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 4 or not 1 <= int(raw) <= MAX_DAYS:
-            raise QueryError(name, f"must be a whole number from 1 to {MAX_DAYS}")
-        days = int(raw)
-    return days
+    given = only_parameters(params, ("days",))
+    return whole_number("days", given["days"], MAX_DAYS) if "days" in given else DEFAULT_DAYS
 
 
 def window(days: int, now: float) -> tuple[int, int]:

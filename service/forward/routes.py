@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.api.auth import bearer_protected
-from service.api.query_params import QueryError
+from service.api.query_params import QueryError, only_parameters, whole_number
 from service.forward import feed
 from service.storage.db import transaction, unavailable_as_store_error
 from service.web.state import app_state
@@ -23,29 +23,15 @@ POLL_SECONDS = 0.05  # while long-polling: how often to look again (the look is 
 
 
 def parse_events_query(items: Sequence[tuple[str, str]]) -> tuple[int, int, float]:
-    """`after`, `limit` and `wait` of GET /v1/events; QueryError (400) for anything else or a bad value."""
-    given: dict[str, str] = {}
-    for name, value in items:
-        if name not in ("after", "limit", "wait"):
-            raise QueryError(name, "unknown parameter: GET /v1/events takes after, limit and wait")
-        if name in given:
-            raise QueryError(name, "given twice")
-        given[name] = value
+    """`after`, `limit` and `wait` of GET /v1/events; QueryError (422) for anything else or a bad value."""
+    given = only_parameters(items, ("after", "limit", "wait"))
     try:
         after = feed.decode_cursor(given.get("after"))
     except feed.BadCursor as exc:
         raise QueryError("after", str(exc)) from None
-    limit = _bounded(given.get("limit"), "limit", DEFAULT_LIMIT, 1, feed.MAX_PAGE)
-    wait = _bounded(given.get("wait"), "wait", 0, 0, feed.MAX_WAIT_SECONDS)
+    limit = whole_number("limit", given["limit"], feed.MAX_PAGE) if "limit" in given else DEFAULT_LIMIT
+    wait = whole_number("wait", given["wait"], feed.MAX_WAIT_SECONDS, minimum=0) if "wait" in given else 0
     return after, limit, float(wait)
-
-
-def _bounded(text: str | None, name: str, default: int, low: int, high: int) -> int:
-    if text is None:
-        return default
-    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-        raise QueryError(name, f"must be an integer from {low} to {high}")
-    return int(text)
 
 
 def _sequence_and_read(engine: Engine, after: int, limit: int) -> feed.FeedPage:
