@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from service.config import Settings
 from service.storage.db import create_engine
 from tests.support.databases import empty_tables, migrated_sqlite, postgres_database
+from tests.support.s3 import s3_server, set_aws_environment
 from tests.support.webhooks import SECRET
 
 
@@ -71,3 +72,11 @@ def tiny_retry_waits() -> Iterator[None]:
     10), without backoff between them. A Retry-After is still waited out: the client's gate honours it."""
     with stamina.set_testing(True, attempts=10, cap=True):
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """One S3-compatible server (moto's) for the session's `s3` tests; each test makes a bucket of its own."""
+    set_aws_environment()
+    with s3_server() as endpoint:
+        yield endpoint

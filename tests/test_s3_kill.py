@@ -9,7 +9,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from sqlalchemy.engine import Engine
 from service.storage.s3 import PART_BYTES, make_client
 from tests.reliability.support import records, server_env, serving
 from tests.support.audio_body import BLOCK, AudioBody, blocks_for
-from tests.support.s3 import aws_environment, new_bucket_name, s3_server, set_aws_environment
+from tests.support.s3 import aws_environment, new_bucket_name
 from tests.support.tcp_proxy import BUFFER_BYTES, TcpProxy
 
 pytestmark = pytest.mark.s3
@@ -50,13 +49,6 @@ class HoldsTheSecondPart(TcpProxy):
         except OSError:
             pass
         super()._pump(source, sink)  # already closed: only hangs up the other end
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    set_aws_environment()
-    with s3_server() as endpoint:
-        yield endpoint
 
 
 def objects(endpoint: str, bucket: str) -> dict[str, bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -25,20 +24,13 @@ from service.storage.s3 import PATH_LOCK_CLASS, S3Store, make_client, path_lock_
 from service.storage.stores import open_audio_store
 from tests.support import records
 from tests.support.records import get_record
-from tests.support.s3 import new_bucket_name, s3_server, set_aws_environment
+from tests.support.s3 import new_bucket_name
 
 pytestmark = pytest.mark.s3
 CID = "conv_race"
 OLD = b"ID3 the recording the purge removes"
 NEW = b"ID3 a recording stored again while the purge runs"
 BOUND_SECONDS = 30  # how long a step may take before the test gives up: a hang, not a measurement
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    set_aws_environment()
-    with s3_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -12,17 +11,10 @@ from service.config import Settings
 from service.storage.s3 import PART_BYTES, make_client
 from service.testing import FakePlatform, seed_conversations
 from tests.support.reconcile import reconcile, rows
-from tests.support.s3 import new_bucket_name, s3_server, set_aws_environment
+from tests.support.s3 import new_bucket_name
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("tiny_retry_waits")]
 KEY = "reconcile-key"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    set_aws_environment()
-    with s3_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,18 +25,11 @@ from service.web.app import create_app
 from tests.support import webhooks
 from tests.support.audio_body import AudioBody, blocks_for
 from tests.support.live import live_server
-from tests.support.s3 import ACCESS_KEY, SECRET_KEY, new_bucket_name, s3_server, set_aws_environment
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, new_bucket_name
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.s3
 AUTH = {"Authorization": "Bearer test-token"}
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    set_aws_environment()
-    with s3_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture
